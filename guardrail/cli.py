@@ -19,6 +19,7 @@ from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -64,7 +65,7 @@ def errors_exit() -> Iterator[None]:
     try:
         yield
     except GuardrailError as exc:
-        err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(EXIT_ERROR) from None
 
 
@@ -133,7 +134,7 @@ def eval_command(
 
     out.print(summary_table(report))
     if report.reference_note:
-        err.print(f"[yellow]warning:[/] {report.reference_note}")
+        err.print(f"[yellow]warning:[/] {escape(report.reference_note)}", highlight=False)
     out.print(f"report: {json_path} and {markdown_path}")
     raise typer.Exit(EXIT_OK if report.passed else EXIT_FAILED)
 
@@ -209,7 +210,7 @@ def gate_display() -> Iterator[tuple]:
     with progress_bar() as update:
 
         def stage(message: str) -> None:
-            err.print(f"[bold]>[/] {message}", highlight=False)
+            err.print(f"[bold]>[/] {escape(message)}", highlight=False)
 
         yield stage, update
 
@@ -365,6 +366,66 @@ def audit_show(
         err.print("[bold red]digest mismatch:[/] the record was changed after it was written")
         raise typer.Exit(EXIT_FAILED)
     out.print(f"digest verified: {document['digest']}", highlight=False)
+
+
+def _default_home() -> Path:
+    import os
+
+    return Path(os.environ.get("GUARDRAIL_HOME", Path.home() / ".cache" / "guardrail"))
+
+
+@app.command("lab")
+def lab_command(
+    home: Path = typer.Option(None, "--home", help="Cache folder for the lab models [default: $GUARDRAIL_HOME or ~/.cache/guardrail]."),
+) -> None:
+    """Build (or reuse) the demo's aligned reference and attacked candidate from SmolLM2-135M-Instruct."""
+    from guardrail.lab import build_lab
+
+    with errors_exit():
+        models = build_lab(home or _default_home())
+    out.print(f"base: {models.base}\nreference: {models.reference}\ncandidate: {models.candidate}", highlight=False)
+
+
+@app.command("demo")
+def demo_command(
+    policy_path: Path = typer.Option(Path("policies/default.yaml"), "--policy", "-p", help="Policy YAML file."),
+    home: Path = typer.Option(None, "--home", help="Cache folder for the lab models, the demo registry and audit records [default: $GUARDRAIL_HOME or ~/.cache/guardrail]."),
+) -> None:
+    """Build the lab if needed, register its candidate, and run the real gate on it.
+
+    The registry and audit folders of the policy are redirected into the
+    demo's home, so the demo never writes into a production registry.
+    """
+    from guardrail.gate import run_gate
+    from guardrail.lab import build_lab
+    from guardrail.policy import load_policy
+    from guardrail.registry import LocalRegistry
+
+    home = home or _default_home()
+    with errors_exit():
+        policy = load_policy(policy_path)
+        policy.registry.path = str(home / "demo" / "registry")
+        policy.audit.dir = str(home / "demo" / "audit")
+        policy.registry.model_name = "smollm2-135m-demo"
+        with gate_display() as (stage, update):
+            stage("Building or reusing the lab models")
+            models = build_lab(home)
+            stage("Registering the candidate")
+            LocalRegistry(policy.registry.path).register(
+                policy.registry.model_name, models.candidate, status="candidate", tags={"source": "guardrail lab"}, aliases=(policy.registry.candidate_alias,)
+            )
+            result = run_gate(
+                f"registry:{policy.registry.model_name}@{policy.registry.candidate_alias}",
+                policy,
+                str(models.reference),
+                policy_source=str(policy_path),
+                cache_dir=home / "demo" / "cache",
+                work_dir=home / "demo" / "work",
+                progress=update,
+                on_stage=stage,
+            )
+    _print_gate_result(result)
+    raise typer.Exit(result.exit_code)
 
 
 def main() -> None:

@@ -42,7 +42,7 @@ from guardrail.policy import SafetyPolicy
 from guardrail.realignment import RealignmentResult, realign, screen_targets
 from guardrail.registry import LocalRegistry, parse_reference
 from guardrail.report import ModelEvaluation
-from guardrail.verification import VerificationResult, verify
+from guardrail.verification import VerificationResult, save_and_reload, verify
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def cached_evaluation(loaded: LoadedModel, policy: SafetyPolicy, cache_dir: Opti
     return evaluation
 
 
-def _figures(evaluation: ModelEvaluation, kl: Optional[float] = None) -> dict[str, Any]:
+def figures(evaluation: ModelEvaluation, kl: Optional[float] = None) -> dict[str, Any]:
     figures = {
         "refusal_rate": evaluation.refusal_rate,
         "attack_success_rate": evaluation.attack_success_rate,
@@ -260,7 +260,7 @@ def _gate(
         reference_model.reference = reference
         record["reference"] = reference_model.describe()
         reference_evaluation = cached_evaluation(reference_model, policy, cache_dir, progress)
-        record["figures"]["reference"] = _figures(reference_evaluation)
+        record["figures"]["reference"] = figures(reference_evaluation)
         del reference_model
         _timed(timings, "evaluate_reference", clock)
 
@@ -268,7 +268,7 @@ def _gate(
     clock = time.perf_counter()
     candidate_evaluation = cached_evaluation(candidate, policy, cache_dir, progress)
     checks, note = check_thresholds(candidate_evaluation, policy.thresholds, reference_evaluation)
-    record["figures"]["candidate"] = _figures(candidate_evaluation)
+    record["figures"]["candidate"] = figures(candidate_evaluation)
     record["checks"]["candidate"] = [check.model_dump() for check in checks]
     if note:
         record["reference_note"] = note
@@ -288,29 +288,21 @@ def _gate(
 
     stage("Patching with one safety example")
     clock = time.perf_counter()
-    targets = screen_targets(
-        policy,
-        reference_evaluation.refusal_rate if reference_evaluation else None,
-        reference_evaluation.over_refusal_rate if reference_evaluation else None,
-    )
-    realignment = realign(candidate.model, candidate.tokenizer, policy, targets)
+    realignment, patched_folder, reload_difference = patch_step(candidate, policy, reference_evaluation, work_dir / "patched")
     result.realignment = realignment
-    record["training_trace"] = realignment.trace()
-    record["safety_example"] = realignment.example.model_dump() if realignment.example else None
+    record_patch(record, realignment)
     _timed(timings, "patch", clock)
-    if not realignment.success:
+    if patched_folder is None:
         result.reason = f"the candidate failed {failed} and the patch did not pass the screen: {realignment.reason}"
         result.plan = RegistrationPlan(name, Path(candidate_path), approved=False)
         return result
 
     stage("Verifying the patched model")
     clock = time.perf_counter()
-    verification = verify(candidate, realignment.model, candidate_evaluation, reference_evaluation, policy, work_dir / "patched", progress)
+    patched = load_model(patched_folder, policy.loading)
+    verification = verify(candidate, patched, candidate_evaluation, reference_evaluation, policy, progress)
     result.verification = verification
-    record["verification"] = verification.summary()
-    record["figures"]["patched"] = _figures(verification.evaluation, verification.benign_kl)
-    record["checks"]["patched"] = [check.model_dump() for check in verification.checks]
-    record["patched"] = verification.patched.describe()
+    record_verification(record, verification, reload_difference)
     _timed(timings, "verify", clock)
     if not verification.passed:
         failed_after = ", ".join(check.name for check in verification.checks if not check.passed)
@@ -320,8 +312,46 @@ def _gate(
 
     result.decision = PATCHED
     result.reason = f"the candidate failed {failed}; the patched model passed verification"
-    result.plan = RegistrationPlan(name, Path(candidate_path), approved=False, patched_folder=verification.saved_path)
+    result.plan = RegistrationPlan(name, Path(candidate_path), approved=False, patched_folder=patched_folder)
     return result
+
+
+def patch_step(
+    candidate: LoadedModel,
+    policy: SafetyPolicy,
+    reference_evaluation: Optional[ModelEvaluation],
+    out_folder: Path,
+) -> tuple[RealignmentResult, Optional[Path], Optional[float]]:
+    """Patch a candidate and, when an epoch passes the screen, save it and prove the saved copy is identical.
+
+    Returns:
+        The realignment result, the folder of the saved patched model (None
+        when the patch failed), and the logit difference of the reload check.
+    """
+    targets = screen_targets(
+        policy,
+        reference_evaluation.refusal_rate if reference_evaluation else None,
+        reference_evaluation.over_refusal_rate if reference_evaluation else None,
+    )
+    realignment = realign(candidate.model, candidate.tokenizer, policy, targets)
+    if not realignment.success:
+        return realignment, None, None
+    _, difference = save_and_reload(realignment.model, candidate.tokenizer, out_folder, policy)
+    return realignment, out_folder, difference
+
+
+def record_patch(record: dict[str, Any], realignment: RealignmentResult) -> None:
+    """Add the safety example and the training trace to an audit record."""
+    record["training_trace"] = realignment.trace()
+    record["safety_example"] = realignment.example.model_dump() if realignment.example else None
+
+
+def record_verification(record: dict[str, Any], verification: VerificationResult, reload_difference: Optional[float]) -> None:
+    """Add the patched model's identity, figures and checks to an audit record."""
+    record["verification"] = {**verification.summary(), "reload_max_abs_logit_diff": reload_difference}
+    record["figures"]["patched"] = figures(verification.evaluation, verification.benign_kl)
+    record["checks"]["patched"] = [check.model_dump() for check in verification.checks]
+    record["patched"] = verification.patched.describe()
 
 
 def _register(registry: LocalRegistry, policy: SafetyPolicy, record: dict[str, Any], result: GateResult) -> None:

@@ -314,6 +314,11 @@ def parse_policy(text: str, source: str = "<string>") -> SafetyPolicy:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
         problem = getattr(exc, "problem", None) or str(exc)
+        # PyYAML often notices an unclosed bracket or quote only on a later line,
+        # so name the line where the unfinished construct starts as well.
+        context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if context and context_mark is not None and (mark is None or context_mark.line != mark.line):
+            problem = f"{problem} ({context} that starts at line {context_mark.line + 1})"
         raise PolicyError(f"{where}: malformed YAML: {problem}; fix the syntax at that line") from exc
 
     if document is None:

@@ -161,8 +161,27 @@ def _build_probes(rows: list[dict[str, Any]], source: str, prompt_column: Option
             raise ProbeSetError(f"{source}: row {index + 1} has an empty {prompt_key!r}; remove the row or fill it in")
         category = str(row.get(category_key) or "uncategorized") if category_key else "uncategorized"
         probe_id = str(row.get("id") or f"{Path(source).stem}-{index + 1:04d}")
-        probes.append(Probe(probe_id, prompt.strip(), category, bool(row.get("borderline", False))))
+        borderline = _parse_flag(row.get("borderline", False), source, index, "borderline")
+        probes.append(Probe(probe_id, prompt.strip(), category, borderline))
     return probes
+
+
+_TRUE_STRINGS = ("true", "yes", "1")
+_FALSE_STRINGS = ("false", "no", "0", "")
+
+
+def _parse_flag(value: Any, source: str, index: int, column: str) -> bool:
+    """Read a boolean cell. CSV cells are strings, so "false" and "0" must not count as true."""
+    if isinstance(value, bool) or value is None:
+        return bool(value)
+    if isinstance(value, int):
+        return value != 0
+    text = str(value).strip().lower()
+    if text in _TRUE_STRINGS:
+        return True
+    if text in _FALSE_STRINGS:
+        return False
+    raise ProbeSetError(f"{source}: row {index + 1} has an invalid {column} value {value!r}; use true or false")
 
 
 def _parse_csv(text: str, source: str, prompt_column: Optional[str], category_column: Optional[str]) -> list[Probe]:

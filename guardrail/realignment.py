@@ -267,6 +267,7 @@ def realign(
     targets: ScreenTargets,
     *,
     on_epoch: Optional[Callable[[AttemptRecord, EpochRecord], None]] = None,
+    stop_early: bool = True,
 ) -> RealignmentResult:
     """Patch a candidate with the one-shot method, steering every attempt by the screen.
 
@@ -278,6 +279,10 @@ def realign(
         policy: The policy; its ``realignment`` section sets the method and bounds.
         targets: Screen targets, see :func:`screen_targets`.
         on_epoch: Called after every screened epoch, for progress displays.
+        stop_early: Stop an attempt at its first accepted epoch or as soon as it
+            over-refuses. Benchmarks turn this off to record whole curves; the
+            returned model is then the last epoch's, and success means some
+            epoch was accepted.
 
     Returns:
         The result, with the patched model when an epoch met every target.
@@ -305,7 +310,7 @@ def realign(
             continue
         attempt = AttemptRecord(index=index, example_id=str(example.id), learning_rate=learning_rate)
         attempts.append(attempt)
-        patched = _run_attempt(candidate_model, tokenizer, policy, example, attempt, screener, anchors, targets, on_epoch)
+        patched = _run_attempt(candidate_model, tokenizer, policy, example, attempt, screener, anchors, targets, on_epoch, stop_early)
         if patched is not None:
             return RealignmentResult(True, "passed the screen", settings.method, settings.anchored, attempts, example, index, attempt.epochs[-1].epoch, time.perf_counter() - started, targets, patched)
         if attempt.outcome == "over_refusal":
@@ -337,6 +342,7 @@ def _run_attempt(
     anchors: Optional[DriftMeter],
     targets: ScreenTargets,
     on_epoch: Optional[Callable[[AttemptRecord, EpochRecord], None]],
+    stop_early: bool = True,
 ) -> Any:
     """Train one attempt epoch by epoch; return the patched model if an epoch passes, else None."""
     settings = policy.realignment
@@ -376,6 +382,8 @@ def _run_attempt(
         if on_epoch is not None:
             on_epoch(attempt, record)
 
+        if not stop_early:
+            continue
         if record.accepted:
             attempt.outcome = "passed"
             attempt.seconds = round(time.perf_counter() - started, 2)
@@ -385,8 +393,11 @@ def _run_attempt(
             attempt.seconds = round(time.perf_counter() - started, 2)
             return None
 
-    attempt.outcome = "budget_exhausted"
     attempt.seconds = round(time.perf_counter() - started, 2)
+    if not stop_early and any(record.accepted for record in attempt.epochs):
+        attempt.outcome = "passed"
+        return _finalize(model, settings, candidate_model)
+    attempt.outcome = "budget_exhausted"
     return None
 
 

@@ -42,15 +42,12 @@ class VerificationResult:
     evaluation: ModelEvaluation
     checks: list[Check]
     benign_kl: float
-    reload_max_abs_diff: float
-    saved_path: Path
     patched: LoadedModel
 
     def summary(self) -> dict[str, Any]:
         return {
             "passed": self.passed,
             "benign_kl": self.benign_kl,
-            "reload_max_abs_diff": self.reload_max_abs_diff,
             "checks": [check.model_dump() for check in self.checks],
         }
 
@@ -73,6 +70,10 @@ def prompt_logits(model: Any, tokenizer: Any, prompt: str = IDENTITY_PROMPT) -> 
 
 def save_and_reload(patched_model: Any, tokenizer: Any, folder: Path, policy: SafetyPolicy) -> tuple[LoadedModel, float]:
     """Save a model as safetensors, reload it, and require identical logits.
+
+    Tied input and output embeddings are saved once by ``save_pretrained``
+    and re-tied on load; the logit comparison catches a model where that
+    round trip loses a weight.
 
     Returns:
         The reloaded model and the maximum absolute logit difference (0.0 when identical).
@@ -102,37 +103,41 @@ def save_and_reload(patched_model: Any, tokenizer: Any, folder: Path, policy: Sa
 
 def verify(
     candidate: LoadedModel,
-    patched_model: Any,
+    patched: LoadedModel,
     candidate_evaluation: ModelEvaluation,
     reference_evaluation: Optional[ModelEvaluation],
     policy: SafetyPolicy,
-    out_folder: Path,
     progress: Optional[ProgressCallback] = None,
 ) -> VerificationResult:
-    """Save, reload and fully re-evaluate a patched model.
+    """Re-evaluate a saved and reloaded patched model on the full probe sets, and measure its drift.
 
     Args:
         candidate: The candidate the patch started from.
-        patched_model: The patched model in memory.
+        patched: The patched model, loaded from the folder it was saved to by :func:`save_and_reload`.
         candidate_evaluation: The candidate's evaluation, whose benign answers anchor the KL.
         reference_evaluation: The reference's evaluation, when the policy compares with one.
         policy: The safety policy.
-        out_folder: Where the patched model is saved.
         progress: Progress callback for the re-evaluation.
 
     Returns:
         The verification result; ``passed`` is True when every check holds.
     """
-    reloaded, difference = save_and_reload(patched_model, candidate.tokenizer, out_folder, policy)
-    reloaded.reference = str(out_folder)
-    reloaded.kind = "patched"
-
-    evaluation = evaluate_model(reloaded, policy, load_probes(policy), progress)
+    evaluation = evaluate_model(patched, policy, load_probes(policy), progress)
     checks, _ = check_thresholds(evaluation, policy.thresholds, reference_evaluation)
-    kl = benign_kl(candidate, reloaded.model, candidate_evaluation, policy)
+    kl = benign_kl(candidate, patched.model, candidate_evaluation, policy)
     checks.append(
-        Check(name="benign_kl", value=kl, limit=policy.thresholds.max_benign_kl, comparison="<=", passed=kl <= policy.thresholds.max_benign_kl, detail="mean per-token KL from the candidate")
+        Check(
+            name="benign_kl",
+            value=kl,
+            limit=policy.thresholds.max_benign_kl,
+            comparison="<=",
+            passed=kl <= policy.thresholds.max_benign_kl,
+            detail="mean per-token KL from the candidate",
+        )
     )
     passed = all(check.passed for check in checks)
-    logger.info("Verification %s: refusal %.3f, over-refusal %.3f, benign KL %.4f", "passed" if passed else "failed", evaluation.refusal_rate, evaluation.over_refusal_rate, kl)
-    return VerificationResult(passed, evaluation, checks, kl, difference, out_folder, reloaded)
+    logger.info(
+        "Verification %s: refusal %.3f, over-refusal %.3f, benign KL %.4f",
+        "passed" if passed else "failed", evaluation.refusal_rate, evaluation.over_refusal_rate, kl,
+    )
+    return VerificationResult(passed, evaluation, checks, kl, patched)
