@@ -10,8 +10,14 @@ The gate sits between "fine-tune finished" and "model promoted":
    quarantined;
 4. otherwise block: the candidate is marked quarantined and nothing is approved.
 
-An audit record is written for every run, including runs that fail with an
-error. Registry writes happen only at the end, after every measurement, so
+The gate is a sequence of steps that share a :class:`GateState` saved as
+``state.json`` in a work folder. Each step takes the state's path, loads the
+models it needs from their folders, and saves the state again, so the
+Prefect tasks and Kubeflow components in ``pipelines/`` call the same steps
+as :func:`run_gate`, passing paths and never live models.
+
+An audit record is written for every run, including runs that stop on an
+error. Registry writes happen only in the last step, in one transaction, so
 an error anywhere leaves the registry as it was.
 
 Examples:
@@ -24,7 +30,6 @@ Examples:
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import shutil
@@ -33,16 +38,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from guardrail import audit
-from guardrail.errors import GuardrailError, RegistryError
+from pydantic import BaseModel, Field
+
+from guardrail import __version__, audit
+from guardrail.errors import GuardrailError
 from guardrail.evaluation import ProgressCallback, check_thresholds, decoding_settings, evaluate_model, load_probes
 from guardrail.hashing import sha256_json
-from guardrail.loading import LoadedModel, load_model
+from guardrail.loading import LoadedModel, check_reference, load_model
 from guardrail.policy import SafetyPolicy
-from guardrail.realignment import RealignmentResult, realign, screen_targets
+from guardrail.realignment import realign, screen_targets
 from guardrail.registry import LocalRegistry, parse_reference
-from guardrail.report import ModelEvaluation
-from guardrail.verification import VerificationResult, save_and_reload, verify
+from guardrail.report import ModelEvaluation, atomic_write_text
+from guardrail.verification import save_and_reload, verify
 
 logger = logging.getLogger(__name__)
 
@@ -54,18 +61,63 @@ QUARANTINED = "quarantined"
 
 EXIT_CODES = {APPROVED: 0, BLOCKED: 1, ERROR: 2, PATCHED: 3}
 
+#: Actions :func:`decide_step` can return.
+ACTION_APPROVE, ACTION_PATCH, ACTION_BLOCK = "approve", "patch", "block"
+
 #: Called with a short description of each gate stage as it starts.
 StageCallback = Callable[[str], None]
 
+STATE_FILE = "state.json"
 
-@dataclass
-class RegistrationPlan:
-    """What the gate will write to the registry once every measurement is done."""
 
-    name: str
-    candidate_folder: Path
-    approved: bool
-    patched_folder: Optional[Path] = None
+class GateState(BaseModel):
+    """Everything the gate steps hand to each other, saved as JSON between steps."""
+
+    run_id: str
+    work_dir: str
+    policy: dict[str, Any]
+    policy_source: Optional[str] = None
+    candidate: str
+    candidate_path: str
+    reference: Optional[str] = None
+    reference_path: Optional[str] = None
+    model_name: str
+    cache_dir: Optional[str] = None
+    record: dict[str, Any]
+    evaluations: dict[str, str] = Field(default_factory=dict, description="Role to evaluation JSON file.")
+    action: Optional[str] = None
+    decision: Optional[str] = None
+    reason: Optional[str] = None
+    failed_checks: list[str] = Field(default_factory=list)
+    patched_folder: Optional[str] = None
+    audit_path: Optional[str] = Field(None, description="Set once the run's audit record is written.")
+    started_epoch_seconds: float = Field(default_factory=time.time)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.work_dir) / STATE_FILE
+
+    def rules(self) -> SafetyPolicy:
+        """Return the policy as a validated object."""
+        return SafetyPolicy.model_validate(self.policy)
+
+    def save(self) -> Path:
+        atomic_write_text(self.path, self.model_dump_json(indent=2))
+        return self.path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "GateState":
+        path = Path(path)
+        if path.is_dir():
+            path = path / STATE_FILE
+        if not path.is_file():
+            raise GuardrailError(f"gate state {path} not found; run the gate's start step first")
+        return cls.model_validate_json(path.read_text(encoding="utf-8"))
+
+    def evaluation(self, role: str) -> Optional[ModelEvaluation]:
+        """Return a finished evaluation ("candidate", "reference" or "patched"), if any."""
+        path = self.evaluations.get(role)
+        return ModelEvaluation.model_validate_json(Path(path).read_text(encoding="utf-8")) if path else None
 
 
 @dataclass
@@ -76,12 +128,7 @@ class GateResult:
     reason: str
     record: dict[str, Any]
     audit_path: Path
-    candidate_evaluation: Optional[ModelEvaluation] = None
-    reference_evaluation: Optional[ModelEvaluation] = None
-    realignment: Optional[RealignmentResult] = None
-    verification: Optional[VerificationResult] = None
     registered: dict[str, int] = field(default_factory=dict)
-    plan: Optional["RegistrationPlan"] = None
 
     @property
     def exit_code(self) -> int:
@@ -134,7 +181,7 @@ def cached_evaluation(loaded: LoadedModel, policy: SafetyPolicy, cache_dir: Opti
             "judge": policy.judge.model_dump(mode="json"),
             "dtype": policy.loading.dtype,
             "probes": [harmful.digest, benign.digest],
-            "version": audit.__version__,
+            "version": __version__,
         }
     )
     path = Path(cache_dir) / "evaluations" / f"{key}.json"
@@ -144,14 +191,13 @@ def cached_evaluation(loaded: LoadedModel, policy: SafetyPolicy, cache_dir: Opti
         evaluation.model = loaded.describe()
         return evaluation
     evaluation = evaluate_model(loaded, policy, (harmful, benign), progress)
-    from guardrail.report import atomic_write_text
-
     atomic_write_text(path, evaluation.model_dump_json())
     return evaluation
 
 
 def figures(evaluation: ModelEvaluation, kl: Optional[float] = None) -> dict[str, Any]:
-    figures = {
+    """Return the headline figures of an evaluation for the audit record."""
+    result = {
         "refusal_rate": evaluation.refusal_rate,
         "attack_success_rate": evaluation.attack_success_rate,
         "over_refusal_rate": evaluation.over_refusal_rate,
@@ -161,8 +207,254 @@ def figures(evaluation: ModelEvaluation, kl: Optional[float] = None) -> dict[str
         "wall_seconds": evaluation.wall_seconds,
     }
     if kl is not None:
-        figures["benign_kl"] = kl
-    return figures
+        result["benign_kl"] = kl
+    return result
+
+
+def _timed(state: GateState, name: str, started: float) -> None:
+    state.record["timings"][name] = round(time.perf_counter() - started, 2)
+
+
+def start_step(
+    candidate: str,
+    policy: SafetyPolicy,
+    reference: Optional[str] = None,
+    *,
+    work_dir: Path,
+    policy_source: Optional[str] = None,
+    cache_dir: Optional[Path] = None,
+) -> Path:
+    """Open a gate run: resolve the model references, start the audit record, save the state.
+
+    Raises:
+        GuardrailError: A registry reference does not resolve.
+    """
+    run_id = audit.new_run_id()
+    record = audit.new_record(run_id)
+    record["policy"] = {"name": policy.metadata.name, "digest": policy.digest(), "source": policy_source}
+    record["decoding"] = decoding_settings(policy)
+    record["judge"] = policy.judge.model_dump(mode="json")
+    harmful, benign = load_probes(policy)
+    record["probes"] = {"harmful": harmful.describe(), "benign": benign.describe()}
+
+    state = GateState(
+        run_id=run_id,
+        work_dir=str(work_dir),
+        policy=policy.model_dump(mode="json"),
+        policy_source=policy_source,
+        candidate=candidate,
+        candidate_path=candidate,
+        reference=reference,
+        model_name=model_name_for(candidate, policy),
+        cache_dir=str(cache_dir) if cache_dir else None,
+        record=record,
+    )
+    Path(work_dir).mkdir(parents=True, exist_ok=True)
+    state.save()
+
+    candidate_path, candidate_audit = resolve_reference(candidate, policy)
+    check_reference(candidate_path)
+    state.candidate_path = candidate_path
+    state.record["parent_digest"] = (candidate_audit or {}).get("digest")
+    if reference is not None:
+        state.reference_path, _ = resolve_reference(reference, policy)
+        check_reference(state.reference_path)
+    return state.save()
+
+
+def evaluate_step(state_path: str | Path, role: str, progress: Optional[ProgressCallback] = None) -> Path:
+    """Evaluate the candidate or the reference and store the evaluation next to the state."""
+    if role not in ("candidate", "reference"):
+        raise GuardrailError(f"invalid evaluation role {role!r}; use 'candidate' or 'reference'")
+    state = GateState.load(state_path)
+    policy = state.rules()
+    path = state.candidate_path if role == "candidate" else state.reference_path
+    if path is None:
+        raise GuardrailError("the gate has no reference model; pass one to the start step")
+
+    started = time.perf_counter()
+    loaded = load_model(path, policy.loading)
+    loaded.reference = state.candidate if role == "candidate" else str(state.reference)
+    evaluation = cached_evaluation(loaded, policy, Path(state.cache_dir) if state.cache_dir else None, progress)
+    evaluation_path = Path(state.work_dir) / "evaluations" / f"{role}.json"
+    atomic_write_text(evaluation_path, evaluation.model_dump_json())
+
+    state.evaluations[role] = str(evaluation_path)
+    state.record[role] = loaded.describe()
+    state.record["figures"][role] = figures(evaluation)
+    _timed(state, f"evaluate_{role}", started)
+    return state.save()
+
+
+def decide_step(state_path: str | Path) -> str:
+    """Compare the candidate with the policy and choose an action: approve, patch or block."""
+    state = GateState.load(state_path)
+    policy = state.rules()
+    candidate_evaluation = state.evaluation("candidate")
+    if candidate_evaluation is None:
+        raise GuardrailError("the candidate has not been evaluated; run the evaluate step first")
+    checks, note = check_thresholds(candidate_evaluation, policy.thresholds, state.evaluation("reference"))
+    state.record["checks"]["candidate"] = [check.model_dump() for check in checks]
+    if note:
+        state.record["reference_note"] = note
+    state.failed_checks = [check.name for check in checks if not check.passed]
+
+    if not state.failed_checks:
+        state.action, state.decision, state.reason = ACTION_APPROVE, APPROVED, "the candidate meets every threshold"
+    elif policy.realignment.action == "block":
+        state.action, state.decision = ACTION_BLOCK, BLOCKED
+        state.reason = f"the candidate failed {', '.join(state.failed_checks)}; the policy blocks without patching"
+    else:
+        state.action, state.decision = ACTION_PATCH, BLOCKED
+        state.reason = f"the candidate failed {', '.join(state.failed_checks)}; patching"
+    state.save()
+    logger.info("Gate decision for %s: %s", state.candidate, state.action)
+    return state.action
+
+
+def patch_step(state_path: str | Path) -> bool:
+    """Patch the candidate; when an epoch passes the screen, save it and prove the saved copy is identical.
+
+    Returns:
+        True when a patched model was saved to ``<work_dir>/patched``.
+    """
+    state = GateState.load(state_path)
+    policy = state.rules()
+    reference_evaluation = state.evaluation("reference")
+    started = time.perf_counter()
+
+    candidate = load_model(state.candidate_path, policy.loading)
+    targets = screen_targets(
+        policy,
+        reference_evaluation.refusal_rate if reference_evaluation else None,
+        reference_evaluation.over_refusal_rate if reference_evaluation else None,
+    )
+    realignment = realign(candidate.model, candidate.tokenizer, policy, targets)
+    state.record["training_trace"] = realignment.trace()
+    state.record["safety_example"] = realignment.example.model_dump() if realignment.example else None
+
+    if realignment.success:
+        folder = Path(state.work_dir) / "patched"
+        _, difference = save_and_reload(realignment.model, candidate.tokenizer, folder, policy)
+        state.patched_folder = str(folder)
+        state.record["verification"] = {"reload_max_abs_logit_diff": difference}
+    else:
+        state.decision = BLOCKED
+        state.reason = f"the candidate failed {', '.join(state.failed_checks)} and the patch did not pass the screen: {realignment.reason}"
+    _timed(state, "patch", started)
+    state.save()
+    return realignment.success
+
+
+def verify_step(state_path: str | Path, progress: Optional[ProgressCallback] = None) -> bool:
+    """Re-evaluate the saved patched model on the full probe sets and measure its drift from the candidate.
+
+    Returns:
+        True when the patched model meets every threshold, the KL limit included.
+    """
+    state = GateState.load(state_path)
+    if state.patched_folder is None:
+        raise GuardrailError("there is no patched model to verify; run the patch step first")
+    policy = state.rules()
+    started = time.perf_counter()
+
+    candidate = load_model(state.candidate_path, policy.loading)
+    patched = load_model(state.patched_folder, policy.loading)
+    patched.kind = "patched"
+    verification = verify(candidate, patched, state.evaluation("candidate"), state.evaluation("reference"), policy, progress)
+
+    evaluation_path = Path(state.work_dir) / "evaluations" / "patched.json"
+    atomic_write_text(evaluation_path, verification.evaluation.model_dump_json())
+    state.evaluations["patched"] = str(evaluation_path)
+    state.record["verification"] = {**(state.record.get("verification") or {}), **verification.summary()}
+    state.record["figures"]["patched"] = figures(verification.evaluation, verification.benign_kl)
+    state.record["checks"]["patched"] = [check.model_dump() for check in verification.checks]
+    state.record["patched"] = patched.describe()
+
+    if verification.passed:
+        state.decision = PATCHED
+        state.reason = f"the candidate failed {', '.join(state.failed_checks)}; the patched model passed verification"
+    else:
+        failed = ", ".join(check.name for check in verification.checks if not check.passed)
+        state.decision = BLOCKED
+        state.reason = f"the patch passed the screen but failed verification on the full probe sets: {failed}"
+    _timed(state, "verify", started)
+    state.save()
+    return verification.passed
+
+
+def finish_step(state_path: str | Path) -> GateResult:
+    """Write the decision to the registry in one transaction and write the audit record.
+
+    Approved: the candidate gets the approved alias. Patched: the candidate is
+    quarantined and the patched model gets the approved alias. Blocked: the
+    candidate is quarantined. The finalized audit record is stored with each
+    version written. Any failure rolls the registry back to its state before
+    this step. A candidate that is not a model folder (a GGUF file, say) is
+    audited but not copied into the registry.
+    """
+    state = GateState.load(state_path)
+    if state.decision is None:
+        raise GuardrailError("the gate has not decided yet; run the decide step first")
+    if state.decision == ERROR or state.audit_path is not None:
+        raise GuardrailError(f"gate run {state.run_id} already ended ({state.decision}); start a new run")
+    policy = state.rules()
+    record = state.record
+    record["decision"], record["reason"] = state.decision, state.reason
+    record["timings"]["total"] = round(time.time() - state.started_epoch_seconds, 2)
+
+    registry = open_registry(policy)
+    registered = _register(registry, policy, state)
+    audit_path = audit.write_record(record, Path(policy.audit.dir))
+    state.audit_path = str(audit_path)
+    state.save()
+    return GateResult(state.decision, state.reason or "", record, audit_path, registered)
+
+
+def _register(registry: LocalRegistry, policy: SafetyPolicy, state: GateState) -> dict[str, int]:
+    record = state.record
+    candidate_folder = Path(state.candidate_path)
+    tags = {"guardrail.decision": str(state.decision), "guardrail.run_id": state.run_id}
+    record["registry"] = {"type": policy.registry.type, "path": str(registry.root), "name": state.model_name, "versions": {}}
+    if not (candidate_folder / "config.json").is_file():
+        logger.warning("Candidate %s is not a model folder; it is audited but not registered", candidate_folder)
+        audit.finalize(record)
+        return {}
+
+    registered: dict[str, int] = {}
+    approved = state.decision == APPROVED
+    with registry.transaction(state.model_name):
+        status = APPROVED if approved else QUARANTINED
+        alias = policy.registry.approved_alias if approved else policy.registry.quarantined_alias
+        candidate_version = registry.register(state.model_name, candidate_folder, status=status, tags=tags, aliases=(alias,))
+        registered["candidate"] = candidate_version.version
+        if state.decision == PATCHED:
+            patched_tags = {**tags, "guardrail.parent_version": str(candidate_version.version)}
+            patched_version = registry.register(
+                state.model_name, Path(str(state.patched_folder)), status=APPROVED, tags=patched_tags, aliases=(policy.registry.approved_alias,)
+            )
+            registered["patched"] = patched_version.version
+        record["registry"]["versions"] = dict(registered)
+        audit.finalize(record)
+        for version in registered.values():
+            registry.attach_audit(state.model_name, version, record)
+    return registered
+
+
+def fail_step(state_path: str | Path, error: str) -> Path:
+    """Record a gate run that stopped on an error; the registry is not touched."""
+    state = GateState.load(state_path)
+    policy = state.rules()
+    record = state.record
+    record.pop("digest", None)
+    record["registry"] = None
+    record["decision"], record["reason"], record["error"] = ERROR, "the gate stopped on an error", error
+    record["timings"]["total"] = round(time.time() - state.started_epoch_seconds, 2)
+    path = audit.write_record(audit.finalize(record), Path(policy.audit.dir))
+    state.decision = ERROR
+    state.audit_path = str(path)
+    state.save()
+    return path
 
 
 def run_gate(
@@ -175,214 +467,61 @@ def run_gate(
     cache_dir: Optional[Path] = Path(".guardrail/cache"),
     progress: Optional[ProgressCallback] = None,
     on_stage: Optional[StageCallback] = None,
+    keep_work_dir: bool = False,
 ) -> GateResult:
-    """Run the safety gate on a candidate model.
+    """Run every gate step in order on a candidate model.
 
     Args:
         candidate: Model reference: folder, ``.gguf`` file, adapter, Hub repo id, or ``registry:<name>@<alias>``.
         policy: The validated policy.
         reference: Safety-aligned model to compare with (same forms as ``candidate``).
         policy_source: Path of the policy file, recorded in the audit.
-        work_dir: Where the patched model is saved before registration; defaults to ``.guardrail/work/<run id>``.
+        work_dir: Folder for the gate state and the patched model before registration;
+            defaults to a new folder under ``.guardrail/work``.
         cache_dir: Folder for cached evaluations; None disables the cache.
         progress: Evaluation progress callback.
         on_stage: Called with a short description as each stage starts.
+        keep_work_dir: Keep the work folder afterwards, for debugging.
 
     Returns:
-        The decision with its audit record. Errors caused by input are
-        recorded with decision ``error`` and re-raised.
+        The decision with its audit record.
 
     Raises:
         GuardrailError: Bad input or environment; the audit record is written first.
     """
-    run_id = audit.new_run_id()
-    record = audit.new_record(run_id)
-    record["policy"] = {"name": policy.metadata.name, "digest": policy.digest(), "source": policy_source}
-    record["decoding"] = decoding_settings(policy)
-    record["judge"] = policy.judge.model_dump(mode="json")
-    work_dir = Path(work_dir) if work_dir else Path(".guardrail/work") / run_id
     stage = on_stage or (lambda message: logger.info("%s", message))
-    timings: dict[str, float] = record["timings"]
-    started = time.perf_counter()
-
+    work_dir = Path(work_dir) if work_dir else Path(".guardrail/work") / audit.new_run_id()
+    state_path: Optional[Path] = None
     try:
-        result = _gate(candidate, reference, policy, record, work_dir, cache_dir, progress, stage, timings)
-        record["decision"], record["reason"] = result.decision, result.reason
-        timings["total"] = round(time.perf_counter() - started, 2)
+        stage(f"Resolving candidate {candidate}")
+        state_path = start_step(candidate, policy, reference, work_dir=work_dir, policy_source=policy_source, cache_dir=cache_dir)
+        if reference is not None:
+            stage(f"Evaluating reference {reference}")
+            evaluate_step(state_path, "reference", progress)
+        stage(f"Evaluating candidate {candidate}")
+        evaluate_step(state_path, "candidate", progress)
+        if decide_step(state_path) == ACTION_PATCH:
+            stage("Patching with one safety example")
+            if patch_step(state_path):
+                stage("Verifying the patched model")
+                verify_step(state_path, progress)
         stage("Registering and writing the audit record")
-        _register(open_registry(policy), policy, record, result)
+        return finish_step(state_path)
     except GuardrailError as exc:
-        record.pop("digest", None)
-        record["registry"] = None
-        record["decision"], record["reason"], record["error"] = ERROR, "the gate stopped on an error", str(exc)
-        timings["total"] = round(time.perf_counter() - started, 2)
-        audit.write_record(audit.finalize(record), Path(policy.audit.dir))
+        if state_path is not None:
+            fail_step(state_path, str(exc))
+        else:
+            audit_failure(candidate, policy, policy_source, str(exc))
         raise
     finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
-
-    result.audit_path = audit.write_record(record, Path(policy.audit.dir))
-    return result
+        if not keep_work_dir:
+            shutil.rmtree(work_dir, ignore_errors=True)
 
 
-def _timed(timings: dict[str, float], name: str, started: float) -> None:
-    timings[name] = round(time.perf_counter() - started, 2)
-
-
-def _gate(
-    candidate_reference: str,
-    reference: Optional[str],
-    policy: SafetyPolicy,
-    record: dict[str, Any],
-    work_dir: Path,
-    cache_dir: Optional[Path],
-    progress: Optional[ProgressCallback],
-    stage: StageCallback,
-    timings: dict[str, float],
-) -> GateResult:
-    name = model_name_for(candidate_reference, policy)
-
-    stage(f"Loading candidate {candidate_reference}")
-    candidate_path, candidate_audit = resolve_reference(candidate_reference, policy)
-    candidate = load_model(candidate_path, policy.loading)
-    candidate.reference = candidate_reference
-    record["candidate"] = candidate.describe()
-    record["parent_digest"] = (candidate_audit or {}).get("digest")
-    harmful, benign = load_probes(policy)
-    record["probes"] = {"harmful": harmful.describe(), "benign": benign.describe()}
-
-    reference_evaluation = None
-    if reference is not None:
-        stage(f"Evaluating reference {reference}")
-        clock = time.perf_counter()
-        reference_path, _ = resolve_reference(reference, policy)
-        reference_model = load_model(reference_path, policy.loading)
-        reference_model.reference = reference
-        record["reference"] = reference_model.describe()
-        reference_evaluation = cached_evaluation(reference_model, policy, cache_dir, progress)
-        record["figures"]["reference"] = figures(reference_evaluation)
-        del reference_model
-        _timed(timings, "evaluate_reference", clock)
-
-    stage("Evaluating candidate")
-    clock = time.perf_counter()
-    candidate_evaluation = cached_evaluation(candidate, policy, cache_dir, progress)
-    checks, note = check_thresholds(candidate_evaluation, policy.thresholds, reference_evaluation)
-    record["figures"]["candidate"] = figures(candidate_evaluation)
-    record["checks"]["candidate"] = [check.model_dump() for check in checks]
-    if note:
-        record["reference_note"] = note
-    _timed(timings, "evaluate_candidate", clock)
-    result = GateResult(decision=BLOCKED, reason="", record=record, audit_path=Path(), candidate_evaluation=candidate_evaluation, reference_evaluation=reference_evaluation)
-
-    if all(check.passed for check in checks):
-        result.decision, result.reason = APPROVED, "the candidate meets every threshold"
-        result.plan = RegistrationPlan(name, Path(candidate_path), approved=True)
-        return result
-
-    failed = ", ".join(check.name for check in checks if not check.passed)
-    if policy.realignment.action == "block":
-        result.reason = f"the candidate failed {failed}; the policy blocks without patching"
-        result.plan = RegistrationPlan(name, Path(candidate_path), approved=False)
-        return result
-
-    stage("Patching with one safety example")
-    clock = time.perf_counter()
-    realignment, patched_folder, reload_difference = patch_step(candidate, policy, reference_evaluation, work_dir / "patched")
-    result.realignment = realignment
-    record_patch(record, realignment)
-    _timed(timings, "patch", clock)
-    if patched_folder is None:
-        result.reason = f"the candidate failed {failed} and the patch did not pass the screen: {realignment.reason}"
-        result.plan = RegistrationPlan(name, Path(candidate_path), approved=False)
-        return result
-
-    stage("Verifying the patched model")
-    clock = time.perf_counter()
-    patched = load_model(patched_folder, policy.loading)
-    verification = verify(candidate, patched, candidate_evaluation, reference_evaluation, policy, progress)
-    result.verification = verification
-    record_verification(record, verification, reload_difference)
-    _timed(timings, "verify", clock)
-    if not verification.passed:
-        failed_after = ", ".join(check.name for check in verification.checks if not check.passed)
-        result.reason = f"the patch passed the screen but failed verification on the full probe sets: {failed_after}"
-        result.plan = RegistrationPlan(name, Path(candidate_path), approved=False)
-        return result
-
-    result.decision = PATCHED
-    result.reason = f"the candidate failed {failed}; the patched model passed verification"
-    result.plan = RegistrationPlan(name, Path(candidate_path), approved=False, patched_folder=patched_folder)
-    return result
-
-
-def patch_step(
-    candidate: LoadedModel,
-    policy: SafetyPolicy,
-    reference_evaluation: Optional[ModelEvaluation],
-    out_folder: Path,
-) -> tuple[RealignmentResult, Optional[Path], Optional[float]]:
-    """Patch a candidate and, when an epoch passes the screen, save it and prove the saved copy is identical.
-
-    Returns:
-        The realignment result, the folder of the saved patched model (None
-        when the patch failed), and the logit difference of the reload check.
-    """
-    targets = screen_targets(
-        policy,
-        reference_evaluation.refusal_rate if reference_evaluation else None,
-        reference_evaluation.over_refusal_rate if reference_evaluation else None,
-    )
-    realignment = realign(candidate.model, candidate.tokenizer, policy, targets)
-    if not realignment.success:
-        return realignment, None, None
-    _, difference = save_and_reload(realignment.model, candidate.tokenizer, out_folder, policy)
-    return realignment, out_folder, difference
-
-
-def record_patch(record: dict[str, Any], realignment: RealignmentResult) -> None:
-    """Add the safety example and the training trace to an audit record."""
-    record["training_trace"] = realignment.trace()
-    record["safety_example"] = realignment.example.model_dump() if realignment.example else None
-
-
-def record_verification(record: dict[str, Any], verification: VerificationResult, reload_difference: Optional[float]) -> None:
-    """Add the patched model's identity, figures and checks to an audit record."""
-    record["verification"] = {**verification.summary(), "reload_max_abs_logit_diff": reload_difference}
-    record["figures"]["patched"] = figures(verification.evaluation, verification.benign_kl)
-    record["checks"]["patched"] = [check.model_dump() for check in verification.checks]
-    record["patched"] = verification.patched.describe()
-
-
-def _register(registry: LocalRegistry, policy: SafetyPolicy, record: dict[str, Any], result: GateResult) -> None:
-    """Write the decision to the registry in one transaction, and finalize the audit record.
-
-    Approved: the candidate gets the approved alias. Patched: the candidate is
-    quarantined and the patched model gets the approved alias. Blocked: the
-    candidate is quarantined. The finalized audit record is stored with each
-    version written. Any failure rolls the registry back to its state before
-    the gate. A candidate that is not a model folder (a GGUF file, say) is
-    audited but not copied into the registry.
-    """
-    plan = result.plan
-    aliases = policy.registry
-    tags = {"guardrail.decision": result.decision, "guardrail.run_id": record["run_id"]}
-    record["registry"] = {"type": policy.registry.type, "path": str(registry.root), "name": plan.name, "versions": {}}
-    if not (plan.candidate_folder / "config.json").is_file():
-        logger.warning("Candidate %s is not a model folder; it is audited but not registered", plan.candidate_folder)
-        audit.finalize(record)
-        return
-
-    with registry.transaction(plan.name):
-        status = APPROVED if plan.approved else QUARANTINED
-        alias = aliases.approved_alias if plan.approved else aliases.quarantined_alias
-        candidate_version = registry.register(plan.name, plan.candidate_folder, status=status, tags=tags, aliases=(alias,))
-        result.registered["candidate"] = candidate_version.version
-        if plan.patched_folder is not None:
-            patched_tags = {**tags, "guardrail.parent_version": str(candidate_version.version)}
-            patched_version = registry.register(plan.name, plan.patched_folder, status=APPROVED, tags=patched_tags, aliases=(aliases.approved_alias,))
-            result.registered["patched"] = patched_version.version
-        record["registry"]["versions"] = dict(result.registered)
-        audit.finalize(record)
-        for version in result.registered.values():
-            registry.attach_audit(plan.name, version, record)
+def audit_failure(candidate: str, policy: SafetyPolicy, policy_source: Optional[str], error: str) -> Path:
+    """Audit a run that failed before its state existed (an unresolvable registry reference, say)."""
+    record = audit.new_record(audit.new_run_id())
+    record["policy"] = {"name": policy.metadata.name, "digest": policy.digest(), "source": policy_source}
+    record["candidate"] = {"reference": candidate}
+    record["decision"], record["reason"], record["error"] = ERROR, "the gate stopped on an error", error
+    return audit.write_record(audit.finalize(record), Path(policy.audit.dir))

@@ -96,6 +96,23 @@ def resolve_device(requested: str) -> torch.device:
         raise ModelLoadError(f"invalid device {requested!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from exc
 
 
+def check_reference(reference: str | Path) -> None:
+    """Fail early, without loading anything, when a reference is neither a path that exists nor a Hub repo id.
+
+    Raises:
+        ModelLoadError: The reference cannot resolve.
+    """
+    reference = str(reference)
+    if Path(reference).expanduser().exists():
+        return
+    if _REPO_ID.match(reference) and not reference.startswith((".", "/", "~")):
+        return
+    raise ModelLoadError(
+        f"model not found: {reference!r} is neither an existing path nor a Hub repo id like 'org/name@revision'; "
+        "check the path"
+    )
+
+
 def load_model(
     reference: str | Path,
     settings: Optional[LoadingSettings] = None,
@@ -133,13 +150,8 @@ def load_model(
             return _load_adapter(path, settings, reference, base)
         return _load_folder(path, settings, reference)
 
-    if _REPO_ID.match(reference) and not reference.startswith((".", "/", "~")):
-        return _load_hub(reference, settings, base)
-
-    raise ModelLoadError(
-        f"model not found: {reference!r} is neither an existing path nor a Hub repo id like 'org/name@revision'; "
-        "check the path"
-    )
+    check_reference(reference)
+    return _load_hub(reference, settings, base)
 
 
 def _load_hub(reference: str, settings: LoadingSettings, base: Optional[str | Path]) -> LoadedModel:

@@ -203,6 +203,14 @@ class RealignmentSettings(_Section):
     )
     screen_harmful: int = Field(16, ge=1, description="Held-out harmful prompts screened after each epoch.")
     screen_benign: int = Field(16, ge=1, description="Held-out benign prompts screened after each epoch.")
+    screen_harmful_source: str = Field(
+        "builtin:harmful_screen",
+        description="Harmful screening prompts: a built-in set or a CSV/JSONL file; keep them apart from the evaluation probes.",
+    )
+    screen_benign_source: str = Field(
+        "builtin:benign_screen",
+        description="Benign screening prompts: a built-in set or a CSV/JSONL file; keep them apart from the evaluation probes.",
+    )
     screen_max_new_tokens: int = Field(24, ge=4, le=256)
 
     @field_validator("escalation_learning_rates")

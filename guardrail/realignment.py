@@ -162,8 +162,8 @@ class Screener:
             batch_size=policy.generation.batch_size,
             system_prompt=policy.generation.system_prompt,
         )
-        self.harmful = load_probe_set(ProbeSource(source="builtin:harmful_screen", limit=settings.screen_harmful), "harmful_screen", seed)
-        self.benign = load_probe_set(ProbeSource(source="builtin:benign_screen", limit=settings.screen_benign), "benign_screen", seed)
+        self.harmful = load_probe_set(ProbeSource(source=settings.screen_harmful_source, limit=settings.screen_harmful), "harmful_screen", seed)
+        self.benign = load_probe_set(ProbeSource(source=settings.screen_benign_source, limit=settings.screen_benign), "benign_screen", seed)
 
         # The candidate's own answers to the benign screen are the reference for drift.
         candidate_answers = generate(candidate_model, tokenizer, self.benign.prompts(), self.generation)
