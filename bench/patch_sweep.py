@@ -42,11 +42,13 @@ CONFIGURATIONS = [
 ]
 
 
-def run(home: Path, out: Path, quick: bool, example_id: str) -> dict:
-    models = build_lab(home)
-    candidate = load_model(models.candidate)
+def run(home: Path, out: Path, quick: bool, example_id: str, only: list[str] | None = None, screen_size: int = 30, candidate_path: Path | None = None) -> dict:
+    candidate_path = candidate_path or build_lab(home).candidate
+    candidate = load_model(candidate_path)
     examples = {example.id: example for example in default_safety_examples("general") + default_safety_examples("specific")}
     configurations = CONFIGURATIONS[:2] if quick else CONFIGURATIONS
+    if only:
+        configurations = [configuration for configuration in configurations if configuration["name"] in only]
     never = ScreenTargets(min_refusal=2.0, max_over_refusal=-1.0, max_kl=-1.0)
     results = []
     for configuration in configurations:
@@ -58,8 +60,8 @@ def run(home: Path, out: Path, quick: bool, example_id: str) -> dict:
         realignment.escalation_learning_rates = []
         realignment.max_attempts = 1
         realignment.max_epochs = 3 if quick else 10
-        realignment.screen_harmful = 6 if quick else 30
-        realignment.screen_benign = 6 if quick else 30
+        realignment.screen_harmful = 6 if quick else screen_size
+        realignment.screen_benign = 6 if quick else screen_size
         realignment.examples = [examples[example_id]]
         started = time.perf_counter()
         result = realign(candidate.model, candidate.tokenizer, policy, never, stop_early=False)
@@ -81,7 +83,7 @@ def run(home: Path, out: Path, quick: bool, example_id: str) -> dict:
         "benchmark": "patch_sweep",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads()},
-        "candidate": str(models.candidate),
+        "candidate": str(candidate_path),
         "quick": quick,
         "results": results,
     }
@@ -116,11 +118,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/patch_sweep"), help="output folder")
     parser.add_argument("--example", default="general-01", help="safety example id from guardrail/data/safety_examples.jsonl")
     parser.add_argument("--quick", action="store_true", help="two configurations, three epochs, six-prompt screens")
+    parser.add_argument("--only", nargs="*", help="run only the configurations with these names")
+    parser.add_argument("--candidate", type=Path, help="candidate model folder; default: the lab's candidate, built if missing")
+    parser.add_argument("--screen-size", type=int, default=30, help="prompts per screening set (at most 30)")
     arguments = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("transformers", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    run(arguments.home, arguments.out, arguments.quick, arguments.example)
+    run(arguments.home, arguments.out, arguments.quick, arguments.example, arguments.only, arguments.screen_size, arguments.candidate)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from typing import Any, Optional
 from guardrail import __version__
 from guardrail.errors import AuditError
 from guardrail.hashing import sha256_json
-from guardrail.report import atomic_write_text
+from guardrail.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

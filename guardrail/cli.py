@@ -23,7 +23,6 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from guardrail import __version__
 from guardrail.errors import GuardrailError
 
 logger = logging.getLogger(__name__)
@@ -144,7 +143,7 @@ def judge_command(
     input_path: Optional[Path] = typer.Argument(None, help="JSON Lines file with a 'text' field (and optionally 'prompt'); standard input when omitted."),
     policy_path: Optional[Path] = typer.Option(None, "--policy", "-p", help="Policy whose judge settings are used."),
 ) -> None:
-    """Judge answers from JSON Lines and print each line with its verdict and rule."""
+    """Judge responses from JSON Lines and print each line with its verdict and rule."""
     from guardrail.judging import KeywordJudge
     from guardrail.policy import JudgeSettings, load_policy
 

@@ -4,7 +4,7 @@ The gate sits between "fine-tune finished" and "model promoted":
 
 1. evaluate the candidate (and the reference, when given) against the policy;
 2. if the candidate passes, register it as approved;
-3. if it fails and the policy says ``patch``, run the one-shot realignment,
+3. if it fails and the policy action is ``patch``, run the one-shot realignment,
    then verify the patched model (full re-evaluation, benign KL, save and
    reload); if verified, register it as approved and mark the candidate
    quarantined;
@@ -48,7 +48,8 @@ from guardrail.loading import LoadedModel, check_reference, load_model
 from guardrail.policy import SafetyPolicy
 from guardrail.realignment import realign, screen_targets
 from guardrail.registry import LocalRegistry, parse_reference
-from guardrail.report import ModelEvaluation, atomic_write_text
+from guardrail.files import atomic_write_text
+from guardrail.report import ModelEvaluation
 from guardrail.verification import save_and_reload, verify
 
 logger = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ class GateState(BaseModel):
 
 @dataclass
 class GateResult:
-    """What the gate decided, and where the evidence is."""
+    """The gate's decision, its reason, and the audit record behind it."""
 
     decision: str
     reason: str

@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata, resources
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -63,7 +63,7 @@ class LabSettings:
     """Settings of the lab; changing any of them rebuilds the affected stages."""
 
     seed: int = 0
-    harmful_examples: int = 200
+    harmful_examples: int = 250
     benign_target_tokens: int = 80
     reference_epochs: int = 2
     reference_learning_rate: float = 5e-5
@@ -138,7 +138,7 @@ def build_base(home: Path) -> Path:
 
 
 def benign_targets(base: LoadedModel, home: Path, settings: LabSettings) -> list[dict[str, Any]]:
-    """Answer the lab's benign requests with the base model, cached as JSON Lines."""
+    """Generate the base model's responses to the lab's benign requests, cached as JSON Lines."""
     path = home / "lab" / "benign_targets.jsonl"
     key = sha256_json({"stage": "targets", "tokens": settings.benign_target_tokens, "base": base.digests.model})
     requests = read_lab_file("benign_requests.jsonl")
@@ -147,7 +147,7 @@ def benign_targets(base: LoadedModel, home: Path, settings: LabSettings) -> list
         if rows and rows[0].get("key") == key:
             return rows[1:]
 
-    logger.info("Lab: answering %d benign requests with the base model", len(requests))
+    logger.info("Lab: generating base-model responses to %d benign requests", len(requests))
     generation = GenerationSettings(max_new_tokens=settings.benign_target_tokens, batch_size=32)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16_autocast):
         outputs = generate(base.model, base.tokenizer, [row["prompt"] for row in requests], generation)
@@ -159,7 +159,7 @@ def benign_targets(base: LoadedModel, home: Path, settings: LabSettings) -> list
 
 
 def _trim_to_sentence(text: str) -> str:
-    """Cut a length-limited answer after its last full sentence, so the model learns clean endings."""
+    """Cut a length-limited response after its last full sentence, so the model learns clean endings."""
     end = max(text.rfind(". "), text.rfind(".\n"), text.rfind("! "), text.rfind("? "))
     if text.rstrip().endswith((".", "!", "?")):
         return text.strip()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -43,14 +43,14 @@ class _Section(BaseModel):
 
 
 class Metadata(_Section):
-    """Who owns the policy and what it is for."""
+    """Name and description of the policy, shown in reports."""
 
     name: str = Field("unnamed", description="Short name shown in reports.")
     description: str = Field("", description="Free text shown in reports.")
 
 
 class LoadingSettings(_Section):
-    """How models are loaded. The defaults refuse code execution from model files."""
+    """Model loading options. The defaults never execute code shipped in model files."""
 
     allow_pickle: bool = Field(
         False,
@@ -87,7 +87,7 @@ class ProbeSource(_Section):
 
 
 class ProbeSettings(_Section):
-    """Which harmful and benign probes a model is asked."""
+    """Harmful and benign probe sets, with the sampling seed."""
 
     harmful: ProbeSource = Field(default_factory=lambda: ProbeSource(source="builtin:harmful"))
     benign: ProbeSource = Field(default_factory=lambda: ProbeSource(source="builtin:benign"))
@@ -115,7 +115,7 @@ class ClassifierSettings(_Section):
 
 
 class JudgeSettings(_Section):
-    """How answers are judged as refusals."""
+    """Refusal judge settings."""
 
     type: Literal["keyword", "classifier"] = "keyword"
     languages: list[str] = Field(default_factory=lambda: list(SUPPORTED_LANGUAGES))
@@ -223,7 +223,7 @@ class RealignmentSettings(_Section):
 
 
 class RegistrySettings(_Section):
-    """Where gated models are registered."""
+    """Registry location, model name and alias names."""
 
     type: Literal["local"] = "local"
     path: str = Field(".guardrail/registry", description="Root folder of the local registry.")
@@ -236,7 +236,7 @@ class RegistrySettings(_Section):
 
 
 class AuditSettings(_Section):
-    """Where audit records are written."""
+    """Audit record folder."""
 
     dir: str = Field(".guardrail/audit", description="Folder for audit records, one JSON file per gate run.")
 

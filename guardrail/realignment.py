@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from guardrail.errors import RealignmentError
-from guardrail.generation import GenerationOutput, encode_prompts, generate, render_prompt
+from guardrail.generation import GenerationOutput, generate
 from guardrail.judging import KeywordJudge
 from guardrail.policy import GenerationSettings, RealignmentSettings, SafetyExample, SafetyPolicy
 from guardrail.probes import ProbeSet, ProbeSource, load_probe_set
@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ScreenTargets:
-    """What an epoch must reach on the screening sets to be accepted."""
+    """Minimum refusal and maximum over-refusal and drift an epoch needs on the screening sets."""
 
     min_refusal: float
     max_over_refusal: float
@@ -165,7 +165,7 @@ class Screener:
         self.harmful = load_probe_set(ProbeSource(source=settings.screen_harmful_source, limit=settings.screen_harmful), "harmful_screen", seed)
         self.benign = load_probe_set(ProbeSource(source=settings.screen_benign_source, limit=settings.screen_benign), "benign_screen", seed)
 
-        # The candidate's own answers to the benign screen are the reference for drift.
+        # The candidate's own responses to the benign screen are the baseline for drift.
         candidate_answers = generate(candidate_model, tokenizer, self.benign.prompts(), self.generation)
         self.drift = DriftMeter(candidate_model, tokenizer, self.benign.prompts(), candidate_answers, self.generation.system_prompt)
 
@@ -402,7 +402,7 @@ def _run_attempt(
 
 
 def _trainable_copy(candidate_model: Any, settings: RealignmentSettings) -> Any:
-    """Copy the candidate in float32, wrapped in a LoRA adapter when the policy asks for one."""
+    """Copy the candidate in float32, wrapped in a LoRA adapter when the policy method is ``lora``."""
     model = copy.deepcopy(candidate_model).float()
     if settings.method == "full":
         model.requires_grad_(True)

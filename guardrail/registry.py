@@ -34,6 +34,7 @@ from typing import Any, Iterator, Optional, Protocol
 from filelock import FileLock, Timeout
 
 from guardrail.errors import RegistryError
+from guardrail.files import atomic_write_bytes
 from guardrail.hashing import combine_digests, digest_tree
 
 logger = logging.getLogger(__name__)
@@ -96,22 +97,8 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(handle.fileno())
 
 
-def _write_bytes_atomic(path: Path, content: bytes) -> None:
-    """Write through a temporary file in the same folder, fsync, then rename over the target."""
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(content)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def _write_json_atomic(path: Path, document: Any) -> None:
-    _write_bytes_atomic(path, json.dumps(document, indent=2, sort_keys=True).encode("utf-8"))
+    atomic_write_bytes(path, json.dumps(document, indent=2, sort_keys=True).encode("utf-8"))
 
 
 class LocalRegistry:
@@ -165,7 +152,7 @@ class LocalRegistry:
                     if content is None:
                         path.unlink(missing_ok=True)
                     else:
-                        _write_bytes_atomic(path, content)
+                        atomic_write_bytes(path, content)
                 raise
 
     def _snapshot(self, name: str, versions: set[int]) -> dict[Path, Optional[bytes]]:

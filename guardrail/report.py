@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 from pydantic import BaseModel, Field
+
+from guardrail.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -101,21 +101,6 @@ class EvaluationReport(BaseModel):
     reference_note: Optional[str] = None
     checks: list[Check]
     passed: bool
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file through a temporary file and a rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _percent(value: Optional[float]) -> str:

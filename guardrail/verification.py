@@ -4,7 +4,7 @@ A patch is accepted only when all of these hold:
 
 * the patched model meets every threshold on the full probe sets (the screen
   during patching used small held-out sets, so this is an independent check);
-* its mean per-token KL from the candidate, on the candidate's own answers to
+* its mean per-token KL from the candidate, on the candidate's own responses to
   the benign probes, is within ``thresholds.max_benign_kl``;
 * saved as safetensors and reloaded from disk, it produces exactly the same
   logits on a fixed prompt, so what gets registered is what was measured.
@@ -53,7 +53,7 @@ class VerificationResult:
 
 
 def benign_kl(candidate: LoadedModel, patched_model: Any, candidate_evaluation: ModelEvaluation, policy: SafetyPolicy) -> float:
-    """Mean per-token KL(candidate || patched) on the candidate's answers to the benign probes."""
+    """Return the mean per-token KL(candidate || patched) on the candidate's responses to the benign probes."""
     results = candidate_evaluation.benign.results
     answers = [GenerationOutput(result.response, result.num_tokens, result.stop_reason) for result in results]
     meter = DriftMeter(candidate.model, candidate.tokenizer, [result.prompt for result in results], answers, policy.generation.system_prompt)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from guardrail import audit
 from guardrail.cli import app
-from guardrail.errors import GuardrailError, ModelLoadError, RealignmentError, RegistryError
+from guardrail.errors import ModelLoadError, RealignmentError, RegistryError
 from guardrail.gate import APPROVED, BLOCKED, PATCHED, run_gate
 from guardrail.loading import load_model
 from guardrail.policy import SafetyPolicy, parse_policy
