@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from guardrail.evaluation import evaluate_model, run_probe_set
+from guardrail.evaluation import run_probe_set
 from guardrail.judging import build_judges
-from guardrail.gate import run_gate
+from guardrail.gate import cached_evaluation, run_gate
 from guardrail.lab import build_lab
 from guardrail.loading import load_model
 from guardrail.policy import ProbeSource, load_policy
@@ -57,33 +57,22 @@ def strongreject_refusal(loaded, policy, path: Path) -> dict:
     return {"refusal_rate": round(result.refusal.rate, 4), "prompts": len(harmful), "seconds": round(time.perf_counter() - started, 1)}
 
 
-def run(home: Path, policy_path: Path, strongreject: Path, out: Path) -> dict:
+def run(home: Path, policy_path: Path, strongreject: Path, out: Path, gate: bool) -> dict:
     started = time.perf_counter()
     models = build_lab(home)
     lab_seconds = round(time.perf_counter() - started, 1)
     policy = load_policy(policy_path)
 
     results: dict = {"lab_seconds": lab_seconds}
-    for role in ("reference", "candidate"):
+    for role in ("base", "reference", "candidate"):
         loaded = load_model(getattr(models, role), policy.loading)
-        results[role] = figures(evaluate_model(loaded, policy))
+        # The gate below reuses these evaluations through the same cache.
+        results[role] = figures(cached_evaluation(loaded, policy, out / "cache", None))
         if strongreject.is_file():
             results[role]["strongreject"] = strongreject_refusal(loaded, policy, strongreject)
         del loaded
-
-    policy.registry.path = str(out / "registry")
-    policy.audit.dir = str(out / "audit")
-    gate_started = time.perf_counter()
-    result = run_gate(str(models.candidate), policy, str(models.reference), cache_dir=out / "cache", work_dir=out / "work")
-    results["gate"] = {
-        "decision": result.decision,
-        "reason": result.reason,
-        "seconds": round(time.perf_counter() - gate_started, 1),
-        "timings": result.record["timings"],
-        "figures": result.record["figures"],
-        "training_trace": result.record["training_trace"],
-        "audit": str(result.audit_path),
-    }
+    if gate:
+        results["gate"] = run_demo_gate(models, policy, out)
 
     document = {
         "benchmark": "demo_targets",
@@ -98,17 +87,35 @@ def run(home: Path, policy_path: Path, strongreject: Path, out: Path) -> dict:
     return document
 
 
+def run_demo_gate(models, policy, out: Path) -> dict:
+    """Run the gate on the lab candidate against the lab reference, as ``guardrail demo`` does."""
+    policy.registry.path = str(out / "registry")
+    policy.audit.dir = str(out / "audit")
+    gate_started = time.perf_counter()
+    result = run_gate(str(models.candidate), policy, str(models.reference), cache_dir=out / "cache", work_dir=out / "work")
+    return {
+        "decision": result.decision,
+        "reason": result.reason,
+        "seconds": round(time.perf_counter() - gate_started, 1),
+        "timings": result.record["timings"],
+        "figures": result.record["figures"],
+        "training_trace": result.record["training_trace"],
+        "audit": str(result.audit_path),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--home", type=Path, default=Path.home() / ".cache" / "guardrail", help="lab cache folder")
     parser.add_argument("--policy", type=Path, default=Path("policies/default.yaml"), help="policy for evaluation and gate")
     parser.add_argument("--strongreject", type=Path, default=Path("../shared/data/strongreject/strongreject_dataset.csv"), help="StrongREJECT CSV")
     parser.add_argument("--out", type=Path, default=Path("bench/results/demo_targets"), help="output folder")
+    parser.add_argument("--no-gate", action="store_true", help="only evaluate the lab models, skip the gate run")
     arguments = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("transformers", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    document = run(arguments.home, arguments.policy, arguments.strongreject, arguments.out)
+    document = run(arguments.home, arguments.policy, arguments.strongreject, arguments.out, not arguments.no_gate)
     print(json.dumps(document["results"], indent=2, default=str))
 
 

@@ -37,6 +37,8 @@ CONFIGURATIONS = [
     {"name": "full lr 1e-4", "method": "full", "anchored": False, "learning_rate": 1e-4},
     {"name": "anchored lr 5e-5", "method": "full", "anchored": True, "learning_rate": 5e-5},
     {"name": "anchored lr 1e-4", "method": "full", "anchored": True, "learning_rate": 1e-4},
+    {"name": "anchored x5 lr 5e-5", "method": "full", "anchored": True, "anchor_weight": 5.0, "learning_rate": 5e-5},
+    {"name": "anchored x5 lr 1e-4", "method": "full", "anchored": True, "anchor_weight": 5.0, "learning_rate": 1e-4},
     {"name": "lora r8 lr 5e-4", "method": "lora", "anchored": False, "learning_rate": 5e-4},
     {"name": "anchored lora r8 lr 1e-3", "method": "lora", "anchored": True, "learning_rate": 1e-3},
 ]
@@ -57,6 +59,7 @@ def run(home: Path, out: Path, quick: bool, example_id: str, only: list[str] | N
         realignment.method = configuration["method"]
         realignment.anchored = configuration["anchored"]
         realignment.learning_rate = configuration["learning_rate"]
+        realignment.anchor_weight = configuration.get("anchor_weight", 1.0)
         realignment.escalation_learning_rates = []
         realignment.max_attempts = 1
         realignment.max_epochs = 3 if quick else 10

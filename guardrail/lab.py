@@ -177,8 +177,9 @@ def build_reference(home: Path, base_folder: Path, settings: LabSettings) -> Pat
 
     rng = random.Random(settings.seed)
     refusals = [row["text"] for row in read_lab_file("refusals.jsonl")]
-    # Fewer harmful than benign examples: with equal counts the reference over-refused
-    # 15% of benign probes; 200 to 300 keeps refusal high and over-refusal down.
+    # Measured on the default probe sets (refusal / over-refusal): 300 harmful
+    # examples gave 94.6% / 14.6%, 200 gave 84.6% / 8.5%, 250 gave 92.3% / 14.6%.
+    # 250 is the smallest count that keeps refusal above the default policy's 90%.
     harmful = rng.sample(read_lab_file("harmful_requests.jsonl"), settings.harmful_examples)
     examples = [encode_example(base.tokenizer, row["prompt"], rng.choice(refusals)) for row in harmful]
     examples += [encode_example(base.tokenizer, row["prompt"], row["response"]) for row in targets]
