@@ -107,7 +107,7 @@ def test_pipeline_blocks_through_patch_branch(tiny_model_dir, tmp_path):
 def test_exit_task_audits_missing_model(tmp_path):
     policy = write_small_policy(tmp_path, lenient=True)
 
-    with pytest.raises(RuntimeError, match="evaluate"):
+    with pytest.raises(RuntimeError, match="start-gate"):
         run_pipeline(tmp_path, tmp_path / "no-such-model", policy)
 
     records = audit_records(tmp_path)

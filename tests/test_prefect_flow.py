@@ -143,7 +143,9 @@ def test_flow_audits_missing_model(tmp_path):
     assert state.is_failed()
     assert str(missing) in state.message
     tasks = task_run_states(state.state_details.flow_run_id)
-    assert tasks["evaluate-candidate"] == "FAILED"
+    # start_step checks that the candidate resolves, so the gate stops at its first model step.
+    assert tasks["start-gate"] == "FAILED"
+    assert "evaluate-candidate" not in tasks
     assert tasks["record-failure"] == "COMPLETED"
     assert "register" not in tasks
     records = audit_records(tmp_path)
