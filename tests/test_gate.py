@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from guardrail import audit
@@ -268,3 +269,23 @@ def test_patch_cli_saves_model(tiny_model_dir, tmp_path):
     assert outcome.exit_code == 0, outcome.output
     assert (tmp_path / "patched" / "model.safetensors").is_file()
     shutil.rmtree(tmp_path / "patched")
+
+
+def test_lora_patch_merges_and_reloads_identically(tiny_model_dir, tmp_path):
+    from guardrail.verification import save_and_reload
+
+    loaded = load_model(tiny_model_dir)
+    policy = tiny_policy(tmp_path, realignment="realignment: {method: lora, learning_rate: 0.01, max_epochs: 2, anchored: true, anchor_prompts: 2, screen_harmful: 2, screen_benign: 2, screen_max_new_tokens: 8}")
+    accept_any = ScreenTargets(min_refusal=0.0, max_over_refusal=1.0, max_kl=float("inf"))
+
+    result = realign(loaded.model, loaded.tokenizer, policy, accept_any)
+
+    assert result.success
+    assert result.chosen_epoch == 1
+    assert not hasattr(result.model, "peft_config")  # merged back into a plain model
+    assert result.model.dtype == loaded.model.dtype
+    changed = any(not torch.equal(a, b) for a, b in zip(result.model.state_dict().values(), loaded.model.state_dict().values()))
+    assert changed
+    reloaded, difference = save_and_reload(result.model, loaded.tokenizer, tmp_path / "lora-patched", policy)
+    assert difference == 0.0
+    assert reloaded.model.config.tie_word_embeddings
