@@ -105,7 +105,7 @@ def summary_table(report) -> Table:
     row("attack success rate", _percent(candidate.attack_success_rate), _percent(reference.attack_success_rate) if reference else "-")
     row("over-refusal (benign)", _percent(candidate.over_refusal_rate), _percent(reference.over_refusal_rate) if reference else "-")
     for check in report.checks:
-        row(f"check {check.name}", f"{'pass' if check.passed else 'FAIL'} ({_percent(check.value)} {check.comparison} {_percent(check.limit)})")
+        row(f"check {check.name}", f"{'pass' if check.passed else 'FAIL'}: {_percent(check.value)}, limit {check.comparison} {_percent(check.limit)}")
     return table
 
 
@@ -117,16 +117,18 @@ def eval_command(
     out_dir: Path = typer.Option(Path("guardrail-report"), "--out", "-o", help="Folder for report.json and report.md."),
     base: Optional[str] = typer.Option(None, "--base", help="Base model of an adapter, overriding the adapter's own setting."),
 ) -> None:
-    """Evaluate a model against a policy; exit 0 if the policy holds, 1 if not."""
+    """Evaluate a model against a policy; exit 0 if the policy holds, 1 if not, 2 on error."""
     from guardrail.evaluation import evaluate
+    from guardrail.gate import resolve_reference
     from guardrail.loading import load_model
     from guardrail.policy import load_policy
     from guardrail.report import write_report
 
     with errors_exit():
         policy = load_policy(policy_path)
-        candidate = load_model(model, policy.loading, base=base)
-        reference_model = load_model(reference, policy.loading) if reference else None
+        candidate = load_model(resolve_reference(model, policy)[0], policy.loading, base=base)
+        candidate.reference = model
+        reference_model = load_model(resolve_reference(reference, policy)[0], policy.loading) if reference else None
         with progress_bar() as update:
             report = evaluate(candidate, policy, reference_model, progress=update)
         json_path, markdown_path = write_report(report, out_dir)
