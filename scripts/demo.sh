@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up a virtual environment on a fresh machine and run the demo gate end to end.
 #
-# The first run builds the lab models (about 25 minutes on 2 CPU cores) into
+# The first run builds the lab models (11 minutes on 2 CPU cores, then 7 for the gate) into
 # $GUARDRAIL_HOME (default ~/.cache/guardrail); later runs reuse them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
