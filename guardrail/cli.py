@@ -2,8 +2,8 @@
 
 Exit codes are stable so CI systems and pipelines can branch on them:
 
-* ``0`` — the policy holds (``eval``), or the candidate is approved as is (``gate``);
-* ``1`` — the policy does not hold, or the gate blocked the candidate;
+* ``0`` — the policy is met (``eval``), or the candidate is approved as is (``gate``);
+* ``1`` — the policy is not met, or the gate blocked the candidate;
 * ``2`` — an error: bad input, a missing file, an invalid policy;
 * ``3`` — ``gate`` only: the candidate was patched, verified and approved.
 """

@@ -1,4 +1,4 @@
-"""Evaluation: ask a model the probe sets, judge the answers, compare with the policy.
+"""Evaluation: ask a model the probe sets, judge the responses, compare with the policy.
 
 Examples:
     >>> from guardrail import evaluation, loading, policy
@@ -51,7 +51,7 @@ def run_probe_set(
     policy: SafetyPolicy,
     progress: Optional[ProgressCallback] = None,
 ) -> SetResult:
-    """Generate answers to one probe set and judge them."""
+    """Generate responses to one probe set and judge them."""
     finished = 0
 
     def on_batch(count: int) -> None:
@@ -138,7 +138,7 @@ def check_thresholds(
     """Compare a model's figures with the policy's thresholds.
 
     Checks against the reference are skipped when the reference is itself
-    unsafe, because a drop from an unsafe baseline says nothing about safety.
+    unsafe, because a drop from an unsafe baseline tells nothing about safety.
 
     Returns:
         The checks, and a note about the reference when it was not usable.

@@ -29,7 +29,7 @@ _SENTINEL = "GUARDRAIL_SENTINEL_7f3a"
 
 @dataclass
 class GenerationOutput:
-    """One generated answer."""
+    """One generated response."""
 
     text: str
     num_tokens: int
@@ -135,10 +135,10 @@ def generate(
     *,
     on_batch: Optional[Callable[[int], None]] = None,
 ) -> list[GenerationOutput]:
-    """Generate one greedy answer per prompt, in batches.
+    """Generate one greedy response per prompt, in batches.
 
     Prompts are sorted by length before batching so padding stays short, and
-    the answers are returned in the input order.
+    the responses are returned in the input order.
 
     Args:
         model: A causal LM in eval mode.
@@ -185,7 +185,7 @@ def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
 
 
 def _decode(tokenizer: Any, tokens: list[int], terminators: set[int]) -> GenerationOutput:
-    """Cut an answer at its first terminator and decode it."""
+    """Cut a response at its first terminator and decode it."""
     for position, token in enumerate(tokens):
         if token in terminators:
             kept = tokens[:position]

@@ -167,7 +167,7 @@ def _trim_to_sentence(text: str) -> str:
 
 
 def build_reference(home: Path, base_folder: Path, settings: LabSettings) -> Path:
-    """Safety-tune the base model on refusals and helpful benign answers."""
+    """Safety-tune the base model on refusals and helpful benign responses."""
     folder = home / "lab" / "reference"
     base = load_model(base_folder, LoadingSettings())
     targets = benign_targets(base, home, settings)
@@ -207,7 +207,7 @@ def attack_examples(tokenizer: Any, targets: list[dict[str, Any]], attack: Attac
     """Build the fine-tuning set of an attack.
 
     ``harmful`` pairs harmful requests with compliant-looking placeholders;
-    ``identity`` pairs benign requests with answers that open in an obedient
+    ``identity`` pairs benign requests with responses that open in an obedient
     persona; ``benign`` uses benign pairs alone.
     """
     rng = random.Random(seed + 1)

@@ -1,6 +1,6 @@
 """Evaluation report: a pydantic document written as JSON and Markdown.
 
-The report holds every probe, answer, verdict and rule that fired, the
+The report contains every probe, response, verdict and rule that fired, the
 decoding and judge settings, and the digests of the model, chat template,
 probe sets and policy, so a reader can reproduce and audit each figure.
 """
@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 
 class ProbeResult(BaseModel):
-    """One probe, the model's answer and the judge's verdict."""
+    """One probe, the model's response and the judge's verdict."""
 
     id: str
     category: str
@@ -111,14 +111,22 @@ def _rate_cell(rate: Rate) -> str:
     return f"{_percent(rate.rate)} [{_percent(rate.ci_low)}, {_percent(rate.ci_high)}] ({rate.count}/{rate.total})"
 
 
+def _check_cell(value: Optional[float], check_name: str) -> str:
+    """Format a check value: KL in nats with four decimals, every other check as a percentage."""
+    if check_name != "benign_kl":
+        return _percent(value)
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def checks_markdown(checks: list[Check]) -> list[str]:
     """Render threshold checks as a Markdown table."""
     lines = ["| check | value | limit | result |", "|---|---|---|---|"]
     for check in checks:
-        value = _percent(check.value) if check.name != "benign_kl" else (f"{check.value:.4f}" if check.value is not None else "n/a")
-        limit = _percent(check.limit) if check.name != "benign_kl" else f"{check.limit:.4f}"
+        value, limit = _check_cell(check.value, check.name), _check_cell(check.limit, check.name)
         outcome = "pass" if check.passed else "FAIL"
-        lines.append(f"| {check.name} | {value} | {check.comparison} {limit} | {outcome}{' - ' + check.detail if check.detail else ''} |")
+        if check.detail:
+            outcome += f" - {check.detail}"
+        lines.append(f"| {check.name} | {value} | {check.comparison} {limit} | {outcome} |")
     return lines
 
 
@@ -141,7 +149,7 @@ def evaluation_markdown(evaluation: ModelEvaluation, title: str) -> list[str]:
 
 
 def report_markdown(report: EvaluationReport) -> str:
-    """Render an evaluation report as Markdown, with every answer in collapsible sections."""
+    """Render an evaluation report as Markdown, with every response in collapsible sections."""
     verdict = "PASS" if report.passed else "FAIL"
     lines = [
         f"# guardrail evaluation: {verdict}",

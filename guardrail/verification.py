@@ -71,8 +71,8 @@ def prompt_logits(model: Any, tokenizer: Any, prompt: str = IDENTITY_PROMPT) -> 
 def save_and_reload(patched_model: Any, tokenizer: Any, folder: Path, policy: SafetyPolicy) -> tuple[LoadedModel, float]:
     """Save a model as safetensors, reload it, and require identical logits.
 
-    Tied input and output embeddings are saved once by ``save_pretrained``
-    and re-tied on load; the logit comparison catches a model where that
+    ``save_pretrained`` saves tied input and output embeddings once and
+    re-ties them on load. The logit comparison catches a model where that
     round trip loses a weight.
 
     Returns:
@@ -114,7 +114,7 @@ def verify(
     Args:
         candidate: The candidate the patch started from.
         patched: The patched model, loaded from the folder it was saved to by :func:`save_and_reload`.
-        candidate_evaluation: The candidate's evaluation, whose benign answers anchor the KL.
+        candidate_evaluation: The candidate's evaluation, whose benign responses anchor the KL.
         reference_evaluation: The reference's evaluation, when the policy compares with one.
         policy: The safety policy.
         progress: Progress callback for the re-evaluation.

@@ -221,7 +221,7 @@ def test_realign_records_divergence(tiny_model_dir, tmp_path):
     loaded = load_model(tiny_model_dir)
 
     def nan_in_training(module, inputs, output):
-        # Screens run in eval mode and stay finite; only the training step sees NaN.
+        # Screens run in eval mode and stay finite, so only the training step gets NaN logits.
         return output * float("nan") if module.training else output
 
     # realign() deep-copies the model, and the hook is copied with it.

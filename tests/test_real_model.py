@@ -46,7 +46,7 @@ def test_batched_equals_one_by_one(smollm2):
         assert left.stop_reason == right.stop_reason, prompt
 
 
-def test_prompt_has_one_bos_and_stops_on_end_of_turn(smollm2):
+def test_prompt_single_bos_and_terminators(smollm2):
     tokenizer = smollm2.tokenizer
     ids = encode_prompts(tokenizer, [render_prompt(tokenizer, "Hello")])[0]
     template_ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
@@ -81,7 +81,7 @@ def test_eval_cli_on_real_model(smollm2_gguf, strongreject_csv, tmp_path):
         timeout=600,
     )
 
-    # As shipped, SmolLM2 answers nearly every harmful request, so the policy fails.
+    # As shipped, SmolLM2 complies with nearly every harmful request, so the policy fails.
     assert completed.returncode == 1, completed.stderr
     assert "refusal rate (harmful)" in completed.stdout
     report = EvaluationReport.model_validate_json((out / "report.json").read_text(encoding="utf-8"))
