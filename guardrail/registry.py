@@ -9,6 +9,8 @@
         versions/<N>/
           model/                 the weights (safetensors) and tokenizer
           version.json           digests, status, tags, audit digest
+          audit.json             the gate's audit record, when one is attached
+          attestation.json       the signed envelope over audit.json, when signed
 
 Every write goes to a temporary folder or file next to its target, is
 fsync'ed, and is moved into place with one rename, under a file lock, so two
@@ -71,6 +73,10 @@ class Registry(Protocol):
     def set_alias(self, name: str, alias: str, version: int) -> None: ...
 
     def list_versions(self, name: Optional[str] = None) -> list[ModelVersion]: ...
+
+    def attach_audit(self, name: str, version: int, record: dict[str, Any], attestation: Optional[dict[str, Any]] = None) -> None: ...
+
+    def attestation(self, name: str, version_or_alias: str) -> Optional[dict[str, Any]]: ...
 
 
 def validate_name(value: str, what: str = "model name") -> str:
@@ -160,13 +166,28 @@ class LocalRegistry:
         model_dir = self._model_dir(name)
         paths = [model_dir / "aliases.json"]
         for version in versions:
-            paths += [model_dir / "versions" / str(version) / "version.json", model_dir / "versions" / str(version) / "audit.json"]
+            folder = model_dir / "versions" / str(version)
+            paths += [folder / "version.json", folder / "audit.json", folder / "attestation.json"]
         return {path: path.read_bytes() if path.is_file() else None for path in paths}
 
-    def attach_audit(self, name: str, version: int, record: dict[str, Any]) -> None:
-        """Store a finalized audit record with a version and tag the version with its digest."""
+    def attach_audit(self, name: str, version: int, record: dict[str, Any], attestation: Optional[dict[str, Any]] = None) -> None:
+        """Store a finalized audit record with a version and tag the version with its digest.
+
+        Args:
+            name: Registered model name.
+            version: Version number the record describes.
+            record: The finalized audit record, written as ``audit.json``.
+            attestation: A signed DSSE envelope over the record, written as
+                ``attestation.json`` beside it. None removes an earlier
+                attestation, which signed a record that is now replaced.
+        """
         with self._lock_or_fail():
             self._update(name, version, status=self._read_version(name, version).status, tags={"guardrail.audit_digest": record["digest"]}, audit=record, aliases=())
+            path = self._model_dir(name) / "versions" / str(version) / "attestation.json"
+            if attestation is not None:
+                _write_json_atomic(path, attestation)
+            else:
+                path.unlink(missing_ok=True)
 
     def _model_dir(self, name: str) -> Path:
         return self.root / validate_name(name)
@@ -332,6 +353,12 @@ class LocalRegistry:
         """Return the audit record stored with a version, if any."""
         record = self.get(name, version_or_alias)
         path = self._model_dir(name) / "versions" / str(record.version) / "audit.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+    def attestation(self, name: str, version_or_alias: str = "latest") -> Optional[dict[str, Any]]:
+        """Return the signed attestation (DSSE envelope) stored with a version, if any."""
+        record = self.get(name, version_or_alias)
+        path = self._model_dir(name) / "versions" / str(record.version) / "attestation.json"
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
     def list_versions(self, name: Optional[str] = None) -> list[ModelVersion]:
