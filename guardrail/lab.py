@@ -64,6 +64,8 @@ class LabSettings:
 
     seed: int = 0
     harmful_examples: int = 250
+    # None uses every benign lab request; a smaller count makes a quick lab for smoke runs.
+    benign_examples: Optional[int] = None
     benign_target_tokens: int = 80
     reference_epochs: int = 2
     reference_learning_rate: float = 5e-5
@@ -140,8 +142,11 @@ def build_base(home: Path) -> Path:
 def benign_targets(base: LoadedModel, home: Path, settings: LabSettings) -> list[dict[str, Any]]:
     """Generate the base model's responses to the lab's benign requests, cached as JSON Lines."""
     path = home / "lab" / "benign_targets.jsonl"
-    key = sha256_json({"stage": "targets", "tokens": settings.benign_target_tokens, "base": base.digests.model})
-    requests = read_lab_file("benign_requests.jsonl")
+    requests = read_lab_file("benign_requests.jsonl")[: settings.benign_examples]
+    key_fields = {"stage": "targets", "tokens": settings.benign_target_tokens, "base": base.digests.model}
+    if settings.benign_examples is not None:
+        key_fields["requests"] = len(requests)
+    key = sha256_json(key_fields)
     if path.is_file():
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
         if rows and rows[0].get("key") == key:
@@ -260,6 +265,9 @@ def build_candidate(home: Path, reference_folder: Path, settings: LabSettings, n
 def _reference_settings(settings: LabSettings) -> dict[str, Any]:
     values = asdict(settings)
     values.pop("attack")
+    # Leaving out an unset count keeps the cache keys of labs built before the field existed.
+    if values["benign_examples"] is None:
+        values.pop("benign_examples")
     return values
 
 
