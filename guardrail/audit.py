@@ -4,12 +4,18 @@ A record is written for every gate run, whatever the outcome (approved,
 patched, blocked or error). It identifies every input by digest (candidate,
 reference, policy, probe sets, patched model), keeps the decoding and judge
 settings, the figures before and after the patch, the safety example, the
-training trace and the timings, and names the audit record of the model's
-parent so patched models form a lineage chain.
+training trace and the timings, and names the model's parent (the audit
+record of the run that produced it, or its base model) so patched models form
+a lineage chain; see :mod:`guardrail.lineage`.
 
 The record's ``digest`` is the SHA-256 of its canonical JSON without the
 ``digest`` key, so any edit to a field is detectable with
-:func:`verify_digest`.
+:func:`verify_digest`. When the policy names a signing key, the record is also
+signed as an in-toto attestation, written beside it as
+``<run_id>.intoto.json``; see :mod:`guardrail.attestation`.
+
+Schema ``guardrail.audit/v2`` replaced v1's ``parent_digest`` with the
+``parent`` entry.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import json
 import logging
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from guardrail import __version__
 from guardrail.errors import AuditError
@@ -28,7 +34,10 @@ from guardrail.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-SCHEMA = "guardrail.audit/v1"
+SCHEMA = "guardrail.audit/v2"
+
+#: Suffix of the signed envelope written beside a record; such files are not records.
+ENVELOPE_SUFFIX = ".intoto.json"
 
 
 def new_run_id() -> str:
@@ -61,7 +70,7 @@ def new_record(run_id: str) -> dict[str, Any]:
         "training_trace": None,
         "verification": None,
         "registry": None,
-        "parent_digest": None,
+        "parent": None,
         "timings": {},
     }
 
@@ -110,12 +119,32 @@ def verify_digest(record: dict[str, Any]) -> bool:
     return record.get("digest") == record_digest(record)
 
 
-def list_records(audit_dir: Path) -> list[dict[str, Any]]:
-    """Return every record in an audit folder, oldest first."""
+def _record_paths(audit_dir: Path) -> list[Path]:
     folder = Path(audit_dir)
     if not folder.is_dir():
         return []
-    return [json.loads(path.read_text(encoding="utf-8")) for path in sorted(folder.glob("*.json"))]
+    return [path for path in sorted(folder.glob("*.json")) if not path.name.endswith(ENVELOPE_SUFFIX)]
+
+
+def list_records(audit_dir: Path) -> list[dict[str, Any]]:
+    """Return every record in an audit folder, oldest first, without the signed envelopes."""
+    return [json.loads(path.read_text(encoding="utf-8")) for path in _record_paths(audit_dir)]
+
+
+def iter_records(audit_dir: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Yield each readable record in an audit folder with its path, oldest first.
+
+    Unlike :func:`list_records`, a file that is not valid JSON is logged and
+    skipped, so one damaged file does not hide the other records.
+    """
+    for path in _record_paths(audit_dir):
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            logger.warning("Skipping unreadable audit record %s: %s", path, exc)
+            continue
+        if isinstance(document, dict):
+            yield path, document
 
 
 def summary_markdown(record: dict[str, Any]) -> str:
