@@ -17,8 +17,10 @@ Prefect tasks and Kubeflow components in ``pipelines/`` call the same steps
 as :func:`run_gate`, passing paths and never live models.
 
 An audit record is written for every run, including runs that stop on an
-error. Registry writes happen only in the last step, in one transaction, so
-an error anywhere leaves the registry as it was.
+error. When the policy names ``audit.signing_key``, each record is also signed
+as an in-toto attestation (see :mod:`guardrail.attestation`). Registry writes
+happen only in the last step, in one transaction, so an error anywhere leaves
+the registry as it was.
 
 Examples:
     >>> from guardrail.gate import run_gate
@@ -38,10 +40,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, Field
 
-from guardrail import __version__, audit
-from guardrail.errors import GuardrailError
+from guardrail import __version__, attestation, attestation_checks, audit, lineage, signing
+from guardrail.errors import AuditError, GuardrailError
 from guardrail.evaluation import ProgressCallback, check_thresholds, decoding_settings, evaluate_model, load_probes
 from guardrail.hashing import sha256_json
 from guardrail.loading import LoadedModel, check_reference, load_model
@@ -130,6 +133,7 @@ class GateResult:
     record: dict[str, Any]
     audit_path: Path
     registered: dict[str, int] = field(default_factory=dict)
+    attestation_path: Optional[Path] = None
 
     @property
     def exit_code(self) -> int:
@@ -225,15 +229,16 @@ def start_step(
     policy_source: Optional[str] = None,
     cache_dir: Optional[Path] = None,
 ) -> Path:
-    """Open a gate run: resolve the model references, start the audit record, save the state.
+    """Open a gate run: check the signing key, resolve the model references, start the audit record, save the state.
 
     Raises:
-        GuardrailError: A registry reference does not resolve.
+        GuardrailError: A registry reference does not resolve, or the policy's
+            signing key cannot be loaded.
     """
     run_id = audit.new_run_id()
     record = audit.new_record(run_id)
     record["policy"] = {"name": policy.metadata.name, "digest": policy.digest(), "source": policy_source}
-    record["decoding"] = decoding_settings(policy)
+    record["decoding"] = {**decoding_settings(policy), "dtype": policy.loading.dtype}
     record["judge"] = policy.judge.model_dump(mode="json")
     harmful, benign = load_probes(policy)
     record["probes"] = {"harmful": harmful.describe(), "benign": benign.describe()}
@@ -252,11 +257,15 @@ def start_step(
     )
     Path(work_dir).mkdir(parents=True, exist_ok=True)
     state.save()
+    # Fail on a bad key now, before any evaluation, and not only when the run is over.
+    signing_key = _signing_key(policy)
 
     candidate_path, candidate_audit = resolve_reference(candidate, policy)
     check_reference(candidate_path)
+    if policy.audit.require_signature and candidate_audit is not None and signing_key is not None:
+        _check_candidate_signature(candidate, candidate_audit, policy, signing_key)
     state.candidate_path = candidate_path
-    state.record["parent_digest"] = (candidate_audit or {}).get("digest")
+    state.record["parent"] = lineage.parent_for(candidate, candidate_path, candidate_audit)
     if reference is not None:
         state.reference_path, _ = resolve_reference(reference, policy)
         check_reference(state.reference_path)
@@ -403,16 +412,19 @@ def finish_step(state_path: str | Path) -> GateResult:
     record = state.record
     record["decision"], record["reason"] = state.decision, state.reason
     record["timings"]["total"] = round(time.time() - state.started_epoch_seconds, 2)
+    lineage.complete_parent(record)
 
     registry = open_registry(policy)
-    registered = _register(registry, policy, state)
+    registered, envelope = _register(registry, policy, state)
     audit_path = audit.write_record(record, Path(policy.audit.dir))
+    attestation_path = attestation.write_envelope(envelope, Path(policy.audit.dir), state.run_id) if envelope else None
     state.audit_path = str(audit_path)
     state.save()
-    return GateResult(state.decision, state.reason or "", record, audit_path, registered)
+    return GateResult(state.decision, state.reason or "", record, audit_path, registered, attestation_path)
 
 
-def _register(registry: LocalRegistry, policy: SafetyPolicy, state: GateState) -> dict[str, int]:
+def _register(registry: LocalRegistry, policy: SafetyPolicy, state: GateState) -> tuple[dict[str, int], Optional[dict[str, Any]]]:
+    """Register the decision, finalize the record and sign it; return the versions written and the envelope."""
     record = state.record
     candidate_folder = Path(state.candidate_path)
     tags = {"guardrail.decision": str(state.decision), "guardrail.run_id": state.run_id}
@@ -420,7 +432,7 @@ def _register(registry: LocalRegistry, policy: SafetyPolicy, state: GateState) -
     if not (candidate_folder / "config.json").is_file():
         logger.warning("Candidate %s is not a model folder; it is audited but not registered", candidate_folder)
         audit.finalize(record)
-        return {}
+        return {}, _attest(record, _model_paths(state), policy)
 
     registered: dict[str, int] = {}
     approved = state.decision == APPROVED
@@ -437,13 +449,75 @@ def _register(registry: LocalRegistry, policy: SafetyPolicy, state: GateState) -
             registered["patched"] = patched_version.version
         record["registry"]["versions"] = dict(registered)
         audit.finalize(record)
+        # Signed inside the transaction, so a key that fails now rolls the registry back.
+        envelope = _attest(record, _model_paths(state), policy)
         for version in registered.values():
-            registry.attach_audit(state.model_name, version, record)
-    return registered
+            registry.attach_audit(state.model_name, version, record, attestation=envelope)
+    return registered, envelope
+
+
+def _signing_key(policy: SafetyPolicy) -> Optional[Ed25519PrivateKey]:
+    """Load the policy's signing key, or return None when the policy signs nothing."""
+    return signing.load_private_key(policy.audit.signing_key) if policy.audit.signing_key else None
+
+
+def _attest(record: dict[str, Any], model_paths: dict[str, Optional[Path]], policy: SafetyPolicy) -> Optional[dict[str, Any]]:
+    """Sign a finalized record when the policy names a signing key; return the DSSE envelope."""
+    key = _signing_key(policy)
+    return attestation.attest_record(record, model_paths, key) if key is not None else None
+
+
+def _attest_error_record(record: dict[str, Any], model_paths: dict[str, Optional[Path]], policy: SafetyPolicy) -> Optional[Path]:
+    """Sign and write the envelope of an error record; a signing failure is logged, so the original error stays the one raised."""
+    try:
+        envelope = _attest(record, model_paths, policy)
+    except (AuditError, OSError) as exc:
+        logger.warning("Audit record %s of the failed run is not signed: %s", record["run_id"], exc)
+        return None
+    return attestation.write_envelope(envelope, Path(policy.audit.dir), record["run_id"]) if envelope else None
+
+
+def _model_paths(state: GateState) -> dict[str, Optional[Path]]:
+    """Return the model of each role the attestation covers: the registered ones, else the candidate."""
+    candidate = Path(state.candidate_path)
+    if not candidate.exists():
+        # A Hub candidate is read from its snapshot folder in the local cache.
+        local = (state.record.get("candidate") or {}).get("local_path")
+        candidate = Path(local) if local else None
+    versions = (state.record.get("registry") or {}).get("versions") or {}
+    if not versions:
+        return {"candidate": candidate}
+    patched = Path(state.patched_folder) if "patched" in versions and state.patched_folder else None
+    return {"candidate": candidate if "candidate" in versions else None, "patched": patched}
+
+
+def _check_candidate_signature(candidate: str, candidate_audit: dict[str, Any], policy: SafetyPolicy, signing_key: Ed25519PrivateKey) -> None:
+    """Reject a registry candidate whose audit record is not signed by the policy's key.
+
+    Raises:
+        AuditError: The version has no attestation, or it does not verify
+            against the version's audit record.
+    """
+    # NOTE: only the policy's own key is trusted, so after a key rotation a version signed with the old key
+    # is rejected until it is gated again.
+    name, selector = parse_reference(candidate) or ("", "")
+    envelope = open_registry(policy).attestation(name, selector)
+    if envelope is None:
+        raise AuditError(
+            f"{candidate} has an audit record but no attestation, and audit.require_signature rejects unsigned registry "
+            "candidates; gate the model that produced it again with audit.signing_key set, or set require_signature: false"
+        )
+    problems = attestation_checks.record_signature_problems(envelope, candidate_audit, signing_key.public_key(), candidate)
+    if problems:
+        raise AuditError(f"{candidate} failed the signature check that audit.require_signature asks for: {'; '.join(problems)}")
 
 
 def fail_step(state_path: str | Path, error: str) -> Path:
-    """Record a gate run that stopped on an error; the registry is not touched."""
+    """Record a gate run that stopped on an error; the registry is not touched.
+
+    The record is signed when the policy names a signing key that can be
+    loaded; otherwise it is written unsigned and a warning is logged.
+    """
     state = GateState.load(state_path)
     policy = state.rules()
     record = state.record
@@ -451,7 +525,9 @@ def fail_step(state_path: str | Path, error: str) -> Path:
     record["registry"] = None
     record["decision"], record["reason"], record["error"] = ERROR, "the gate stopped on an error", error
     record["timings"]["total"] = round(time.time() - state.started_epoch_seconds, 2)
+    lineage.complete_parent(record)
     path = audit.write_record(audit.finalize(record), Path(policy.audit.dir))
+    _attest_error_record(record, _model_paths(state), policy)
     state.decision = ERROR
     state.audit_path = str(path)
     state.save()
@@ -525,4 +601,6 @@ def audit_failure(candidate: str, policy: SafetyPolicy, policy_source: Optional[
     record["policy"] = {"name": policy.metadata.name, "digest": policy.digest(), "source": policy_source}
     record["candidate"] = {"reference": candidate}
     record["decision"], record["reason"], record["error"] = ERROR, "the gate stopped on an error", error
-    return audit.write_record(audit.finalize(record), Path(policy.audit.dir))
+    path = audit.write_record(audit.finalize(record), Path(policy.audit.dir))
+    _attest_error_record(record, {"candidate": Path(candidate) if Path(candidate).exists() else None}, policy)
+    return path

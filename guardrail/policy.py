@@ -236,9 +236,29 @@ class RegistrySettings(_Section):
 
 
 class AuditSettings(_Section):
-    """Audit record folder."""
+    """Audit record folder and the key that signs each record."""
 
     dir: str = Field(".guardrail/audit", description="Folder for audit records, one JSON file per gate run.")
+    signing_key: Optional[str] = Field(
+        None,
+        description=(
+            "Ed25519 private key (PEM, PKCS8) that signs each run's record as an in-toto attestation; create one with "
+            "`guardrail audit keygen`. An encrypted key is decrypted with the passphrase in GUARDRAIL_SIGNING_PASSPHRASE."
+        ),
+    )
+    require_signature: bool = Field(
+        False,
+        description=(
+            "Needs signing_key. Also rejects a registry candidate whose audit record has no attestation that "
+            "verifies under that key's public key."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _signature_needs_key(self) -> "AuditSettings":
+        if self.require_signature and not self.signing_key:
+            raise ValueError("require_signature: true needs signing_key, the path of a private key from `guardrail audit keygen`")
+        return self
 
 
 class SafetyPolicy(_Section):
