@@ -232,6 +232,19 @@ def read_envelope(path: str | Path) -> dict[str, Any]:
     return document
 
 
+def decode_base64(text: Any) -> bytes:
+    """Decode standard or URL-safe base64, with or without padding; DSSE verifiers must accept both alphabets.
+
+    Raises:
+        binascii.Error: The text is not base64.
+        TypeError: The value is not a string.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"expected a base64 string, got {type(text).__name__}")
+    standard = text.translate(str.maketrans("-_", "+/"))
+    return base64.b64decode(standard + "=" * (-len(standard) % 4), validate=True)
+
+
 def decode_statement(envelope: dict[str, Any]) -> dict[str, Any]:
     """Decode the in-toto statement from an envelope's payload, without checking the signature.
 
@@ -239,7 +252,7 @@ def decode_statement(envelope: dict[str, Any]) -> dict[str, Any]:
         AuditError: The payload is missing, not base64, or not a JSON object.
     """
     try:
-        statement = json.loads(base64.b64decode(envelope["payload"], validate=True).decode("utf-8"))
+        statement = json.loads(decode_base64(envelope["payload"]).decode("utf-8"))
     except KeyError:
         raise AuditError("the envelope has no 'payload' field") from None
     except (TypeError, binascii.Error, UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -28,7 +28,6 @@ Examples:
 
 from __future__ import annotations
 
-import base64
 import binascii
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ from guardrail.attestation import (
     PREDICATE_TYPE,
     RECORD_ROLE,
     STATEMENT_TYPE,
+    decode_base64,
     decode_statement,
     file_kind,
     model_files,
@@ -100,7 +100,7 @@ def check_signature(envelope: dict[str, Any], public_key: Ed25519PublicKey, sour
     if not isinstance(signatures, list) or not signatures:
         return Check(name, False, f"{source} has no signatures")
     try:
-        payload = base64.b64decode(envelope.get("payload", ""), validate=True)
+        payload = decode_base64(envelope.get("payload"))
     except (TypeError, binascii.Error):
         return Check(name, False, f"{source} has a payload that is not base64")
 
@@ -111,7 +111,7 @@ def check_signature(envelope: dict[str, Any], public_key: Ed25519PublicKey, sour
             continue
         keyids.append(str(signature.get("keyid")))
         try:
-            public_key.verify(base64.b64decode(signature.get("sig", ""), validate=True), signed_bytes)
+            public_key.verify(decode_base64(signature.get("sig")), signed_bytes)
         except (InvalidSignature, TypeError, binascii.Error):
             continue
         return Check(name, True, f"valid Ed25519 signature by key {keyid[:16]}")
