@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.tree import Tree
 
 from guardrail.errors import GuardrailError
 
@@ -35,7 +36,7 @@ EXIT_PATCHED = 3
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Safety gate for fine-tuned LLMs.")
 policy_app = typer.Typer(no_args_is_help=True, help="Validate policies and print their schema.")
 registry_app = typer.Typer(no_args_is_help=True, help="Inspect the model registry.")
-audit_app = typer.Typer(no_args_is_help=True, help="Inspect audit records.")
+audit_app = typer.Typer(no_args_is_help=True, help="Inspect, sign and verify audit records.")
 app.add_typer(policy_app, name="policy")
 app.add_typer(registry_app, name="registry")
 app.add_typer(audit_app, name="audit")
@@ -234,6 +235,8 @@ def _print_gate_result(result) -> None:
     if result.registered:
         out.print(f"registered versions: {result.registered}", highlight=False)
     out.print(f"audit record: {result.audit_path}", highlight=False)
+    if result.attestation_path:
+        out.print(f"signed attestation: {result.attestation_path}", highlight=False)
     logger.debug(summary_markdown(result.record))
 
 
@@ -367,6 +370,170 @@ def audit_show(
         err.print("[bold red]digest mismatch:[/] the record was changed after it was written")
         raise typer.Exit(EXIT_FAILED)
     out.print(f"digest verified: {document['digest']}", highlight=False)
+
+
+@audit_app.command("keygen")
+def audit_keygen(
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Folder for signing.key (private key, mode 0600) and signing.pub (public key)."),
+    force: bool = typer.Option(False, "--force", help="Replace key files that already exist in the folder."),
+) -> None:
+    """Create an Ed25519 key pair that signs audit records.
+
+    The private key is encrypted when the environment variable
+    GUARDRAIL_SIGNING_PASSPHRASE is set. The gate reads the same variable to
+    decrypt it.
+    """
+    import os
+
+    from guardrail.signing import PASSPHRASE_ENV, generate_key_pair
+
+    with errors_exit():
+        pair = generate_key_pair(out_dir, passphrase=os.environ.get(PASSPHRASE_ENV) or None, force=force)
+    protection = f"encrypted with the passphrase in {PASSPHRASE_ENV}" if pair.encrypted else f"not encrypted; set {PASSPHRASE_ENV} to encrypt it"
+    out.print(f"private key: {pair.private_key} ({protection})", highlight=False)
+    out.print(f"public key:  {pair.public_key}", highlight=False)
+    out.print(f"key id:      {pair.keyid}", highlight=False)
+    out.print(f"Sign gate runs with `audit: {{signing_key: {pair.private_key}}}` in the policy; verify with `--key {pair.public_key}`.", highlight=False, markup=False)
+
+
+def _record_store(policy):
+    """Return a RecordStore over the policy's audit folder and registry."""
+    from guardrail.lineage import RecordStore
+    from guardrail.registry import LocalRegistry
+
+    return RecordStore(Path(policy.audit.dir), LocalRegistry(policy.registry.path))
+
+
+@audit_app.command("verify")
+def audit_verify(
+    model: str = typer.Argument(..., help="registry:<name>@<alias or version>, or a model folder (with --attestation)."),
+    key_path: Path = typer.Option(..., "--key", "-k", help="Ed25519 public key file (signing.pub from `guardrail audit keygen`)."),
+    attestation_path: Optional[Path] = typer.Option(None, "--attestation", "-a", help="DSSE envelope <run_id>.intoto.json; needed for a model folder."),
+    role: Optional[str] = typer.Option(None, "--role", help="Which attested model a folder is, 'candidate' or 'patched'; needed only when the attestation names both."),
+    policy_path: Optional[Path] = typer.Option(None, "--policy", "-p", help="Policy naming the registry and the audit folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON."),
+) -> None:
+    """Verify a model's signed audit record: signature, record, model files and lineage.
+
+    Exit 0 when every check passes, 1 when one fails, 2 on bad input.
+    """
+    from guardrail.attestation import read_envelope
+    from guardrail.attestation_checks import verify_model, verify_registered
+    from guardrail.policy import SafetyPolicy, load_policy
+    from guardrail.registry import parse_reference
+    from guardrail.signing import load_public_key
+
+    with errors_exit():
+        policy = load_policy(policy_path) if policy_path else SafetyPolicy()
+        public_key = load_public_key(key_path)
+        store = _record_store(policy)
+        parsed = parse_reference(model)
+        if parsed is not None:
+            if attestation_path is not None:
+                raise GuardrailError("--attestation is for model folders; a registry version is verified against the attestation stored with it")
+            verification = verify_registered(store.registry, *parsed, public_key, store)
+        else:
+            if attestation_path is None:
+                raise GuardrailError(f"{model} is not a registry reference; pass its envelope with --attestation <audit dir>/<run_id>.intoto.json")
+            envelope = read_envelope(attestation_path)
+            verification = verify_model(Path(model), envelope, public_key, store, role=role, envelope_source=str(attestation_path))
+
+    if as_json:
+        sys.stdout.write(json.dumps(verification.as_dict(), indent=2) + "\n")
+    else:
+        table = Table(title=f"guardrail audit verify: {'PASS' if verification.passed else 'FAIL'}", show_lines=True)
+        for column in ("check", "result", "detail"):
+            table.add_column(column)
+        for check in verification.checks:
+            detail = "\n".join(check.problems) if check.problems else check.detail
+            table.add_row(check.name, "[green]pass[/]" if check.passed else "[bold red]FAIL[/]", escape(detail))
+        out.print(table)
+    raise typer.Exit(EXIT_OK if verification.passed else EXIT_FAILED)
+
+
+@audit_app.command("lineage")
+def audit_lineage(
+    model: str = typer.Argument(..., help="registry:<name>@<alias or version>, an audit record path, or a run id."),
+    policy_path: Optional[Path] = typer.Option(None, "--policy", "-p", help="Policy naming the registry and the audit folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the chain as JSON, newest record first."),
+) -> None:
+    """Print the chain of gate runs behind a model, from its base model to its latest record.
+
+    Exit 0 when every parent record is found and its digest verifies, 1 when not, 2 on bad input.
+    """
+    from guardrail.audit import read_record
+    from guardrail.errors import AuditError
+    from guardrail.lineage import trace_lineage
+    from guardrail.policy import SafetyPolicy, load_policy
+    from guardrail.registry import parse_reference
+
+    with errors_exit():
+        policy = load_policy(policy_path) if policy_path else SafetyPolicy()
+        store = _record_store(policy)
+        parsed = parse_reference(model)
+        if parsed is not None:
+            record, source = store.registry.audit_record(*parsed), model
+            if record is None:
+                raise AuditError(f"{model} has no audit record; it was registered without a gate run")
+        else:
+            record = read_record(model, Path(policy.audit.dir))
+            source = model
+        lineage = trace_lineage(record, store, source)
+
+    complete = not lineage.missing and not lineage.unverified
+    if as_json:
+        document = {"model": model, "complete": complete, "root": lineage.root, "chain": [_lineage_entry_dict(entry) for entry in lineage.entries]}
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    else:
+        out.print(_lineage_tree(lineage, store.describe()))
+    raise typer.Exit(EXIT_OK if complete else EXIT_FAILED)
+
+
+def _lineage_entry_dict(entry) -> dict:
+    from guardrail.lineage import output_model_digest
+
+    record = entry.record or {}
+    return {
+        "digest": entry.digest,
+        "found": entry.found,
+        "digest_verified": entry.digest_verified,
+        "source": entry.source,
+        "run_id": record.get("run_id"),
+        "decision": record.get("decision"),
+        "model_digest": output_model_digest(record) if entry.found else None,
+        "finished_at": record.get("finished_at"),
+    }
+
+
+def _lineage_tree(lineage, searched: str) -> Tree:
+    """Render a lineage as a rich Tree: the base model at the root, the newest record as the deepest leaf."""
+    from guardrail.lineage import output_model_digest
+
+    oldest = lineage.entries[-1]
+    if not oldest.found:
+        tree = Tree(f"[bold red]missing[/] parent record {escape(str(oldest.digest)[:16])} (not found in {escape(searched)})")
+        records = lineage.entries[-2::-1]
+    elif lineage.root is not None:
+        digest = lineage.root.get("digest")
+        tree = Tree(f"base model [bold]{escape(str(lineage.root.get('name')))}[/] (digest {digest[:12] if digest else 'unknown'})")
+        records = lineage.entries[::-1]
+    else:
+        tree = Tree("[yellow]no parent recorded[/] (a guardrail.audit/v1 record)")
+        records = lineage.entries[::-1]
+
+    node = tree
+    for entry in records:
+        record = entry.record or {}
+        model_digest = output_model_digest(record)
+        finished = str(record.get("finished_at") or "")[:16].replace("T", " ")
+        label = (
+            f"[bold]{escape(str(record.get('run_id')))}[/]  {escape(str(record.get('decision')))}  "
+            f"model {model_digest[:12] if model_digest else '-'}  {finished} UTC  [dim]{escape(str(entry.source or ''))}[/]"
+        )
+        if not entry.digest_verified:
+            label += "  [bold red]digest does not verify: the record was changed after it was written[/]"
+        node = node.add(label)
+    return tree
 
 
 def _default_home() -> Path:
