@@ -608,6 +608,25 @@ def test_patched_twice_lineage(candidate, tmp_path, keys):
     assert second.record["patched"]["digests"]["model"][:12] in lines[second_line]
 
 
+def test_folder_verify_needs_role(candidate, tmp_path, keys):
+    result = gate(candidate, signed(patchable_policy(tmp_path), keys), tmp_path)
+    patched_folder = LocalRegistry(tmp_path / "registry").model_path("tiny-chat", str(result.registered["patched"]))
+    runner = CliRunner()
+    base = [str(patched_folder), "--attestation", str(result.attestation_path), "--key", str(keys.public_key), "--policy", str(policy_file(tmp_path)), "--json"]
+
+    ambiguous = runner.invoke(app, ["audit", "verify", *base])
+    as_patched = runner.invoke(app, ["audit", "verify", *base, "--role", "patched"])
+    as_candidate = runner.invoke(app, ["audit", "verify", *base, "--role", "candidate"])
+
+    assert result.decision == PATCHED, result.reason
+    assert ambiguous.exit_code == 2
+    assert "pass --role" in ambiguous.output
+    assert as_patched.exit_code == 0, as_patched.output
+    assert as_candidate.exit_code == 1
+    files = next(item for item in json.loads(as_candidate.output)["checks"] if item["name"] == "model files")
+    assert any(problem.startswith("changed weights file candidate/model.safetensors") for problem in files["problems"])
+
+
 def test_legacy_parent_digest_is_read():
     assert parent_of({"parent_digest": "d" * 64}) == {"type": "audit_record", "digest": "d" * 64}
     assert parent_of({"parent_digest": None}) is None
