@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from guardrail.errors import PolicyError
 from guardrail.hashing import sha256_json
@@ -222,17 +224,111 @@ class RealignmentSettings(_Section):
         return rates
 
 
-class RegistrySettings(_Section):
-    """Registry location, model name and alias names."""
+#: Error type of a policy value that looks like a credential; its input is never echoed.
+SECRET_ERROR = "secret_in_policy"
 
-    type: Literal["local"] = "local"
-    path: str = Field(".guardrail/registry", description="Root folder of the local registry.")
+_URL_WITH_CREDENTIALS = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@]*@")
+_ENV_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_BRANCH = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
+
+
+class RegistrySettings(_Section):
+    """Registry type and location, model name and alias names.
+
+    Only the keys of the chosen ``type`` are used. Credentials never go in the
+    policy: a Hub token is read from the environment variable named by
+    ``token_env``, and MLflow reads ``MLFLOW_TRACKING_USERNAME`` and
+    ``MLFLOW_TRACKING_PASSWORD`` (or ``MLFLOW_TRACKING_TOKEN``) itself.
+    """
+
+    type: Literal["local", "mlflow", "hub"] = Field(
+        "local", description="'local' (a folder), 'mlflow' (an MLflow tracking server) or 'hub' (a Hugging Face Hub model repo)."
+    )
+    path: str = Field(".guardrail/registry", description="Root folder of the local registry (type local).")
+    tracking_uri: Optional[str] = Field(
+        None,
+        validate_default=True,
+        description="MLflow tracking server URI, such as http://127.0.0.1:5000 (type mlflow, required). No credentials in the URI.",
+    )
+    experiment: str = Field(
+        "guardrail", min_length=1, description="MLflow experiment that contains one run per registered version (type mlflow)."
+    )
+    repo_id: Optional[str] = Field(
+        None, validate_default=True, description="Hub model repository, owner/name (type hub, required); created on the first write."
+    )
+    endpoint: Optional[str] = Field(
+        None, description="Hub URL (type hub); unset uses HF_ENDPOINT or https://huggingface.co."
+    )
+    branch: str = Field("main", description="Hub branch the versions are committed to (type hub); created when missing.")
+    token_env: str = Field(
+        "HF_TOKEN", description="Name of the environment variable that contains the Hub token (type hub). The token never goes in the policy."
+    )
+    cache_dir: str = Field(
+        ".guardrail/registry-cache", description="Folder that versions downloaded from an mlflow or hub registry are cached in."
+    )
     model_name: Optional[str] = Field(
         None, description="Registered model name; defaults to the candidate folder's name."
     )
     candidate_alias: str = "candidate"
     approved_alias: str = "approved"
     quarantined_alias: str = "quarantined"
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _tracking_uri(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
+        if value is None:
+            if info.data.get("type") == "mlflow":
+                raise PydanticCustomError("missing", "required when type is 'mlflow'; set the tracking server URI, such as http://127.0.0.1:5000")
+            return value
+        _reject_credentials(value, "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
+        return value
+
+    @field_validator("repo_id")
+    @classmethod
+    def _repo_id(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
+        if value is None:
+            if info.data.get("type") == "hub":
+                raise PydanticCustomError("missing", "required when type is 'hub'; set the model repository as owner/name")
+            return value
+        if not _HUB_REPO_ID.match(value) or ".." in value or "--" in value:
+            raise ValueError("must be owner/name with letters, digits, '.', '_' and '-', without '..' or '--'")
+        return value
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            _reject_credentials(value, "the variable named by token_env")
+            if not value.startswith(("http://", "https://")):
+                raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("branch")
+    @classmethod
+    def _branch(cls, value: str) -> str:
+        if not _BRANCH.match(value) or ".." in value:
+            raise ValueError("must be a git branch name: letters, digits, '.', '_', '-' and '/', without '..'")
+        return value
+
+    @field_validator("token_env")
+    @classmethod
+    def _token_env(cls, value: str) -> str:
+        if value.startswith("hf_"):
+            raise PydanticCustomError(
+                SECRET_ERROR, "looks like a token; put the token in an environment variable and write that variable's name here"
+            )
+        if not _ENV_VAR_NAME.match(value):
+            raise ValueError("must be the name of an environment variable, such as HF_TOKEN")
+        return value
+
+
+def _reject_credentials(url: str, where_they_go: str) -> None:
+    """Raise a validation error, without the URL, when a URL carries ``user:password@``."""
+    if _URL_WITH_CREDENTIALS.match(url):
+        raise PydanticCustomError(
+            SECRET_ERROR, "contains credentials; remove the user:password@ part and set {where} in the environment", {"where": where_they_go}
+        )
 
 
 class AuditSettings(_Section):
@@ -316,7 +412,7 @@ def _format_validation_error(error: ValidationError, source: str, lines: dict[tu
         message = item["msg"]
         if item["type"] == "extra_forbidden":
             message = "unknown key; check the spelling against `guardrail policy schema`"
-        elif "input" in item and item["type"] != "missing":
+        elif "input" in item and item["type"] not in ("missing", SECRET_ERROR):
             message = f"{message} (got {item['input']!r})"
         messages.append(f"{where}: {key}: {message}")
     return "invalid policy:\n  " + "\n  ".join(messages)
