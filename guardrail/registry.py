@@ -17,6 +17,10 @@ fsync'ed, and is moved into place with one rename, under a file lock, so two
 gates sharing a registry never corrupt it and a failed write leaves it as it
 was. A model reference of the form ``registry:<name>@<alias or version>``
 resolves to the version's model folder.
+
+:class:`Registry` is the interface every backend implements: this one,
+:mod:`guardrail.registry_mlflow` and :mod:`guardrail.registry_hub`.
+:func:`open_registry` returns the one that the policy's ``registry.type`` names.
 """
 
 from __future__ import annotations
@@ -28,16 +32,19 @@ import os
 import re
 import shutil
 import tempfile
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Protocol
 
 from filelock import FileLock, Timeout
 
 from guardrail.errors import RegistryError
 from guardrail.files import atomic_write_bytes
 from guardrail.hashing import combine_digests, digest_tree
+
+if TYPE_CHECKING:
+    from guardrail.policy import SafetyPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -62,21 +69,100 @@ class ModelVersion:
 
 
 class Registry(Protocol):
-    """Interface the gate, the CLI and the pipeline adapters use for any registry."""
+    """Interface the gate, the CLI and the pipeline adapters use for any registry.
 
-    def register(self, name: str, model_folder: Path, *, status: str, tags: dict[str, str], audit: Optional[dict[str, Any]] = None, aliases: tuple[str, ...] = ()) -> ModelVersion: ...
+    :class:`LocalRegistry`, :class:`guardrail.registry_mlflow.MlflowRegistry`
+    and :class:`guardrail.registry_hub.HubRegistry` implement it; use
+    :func:`open_registry` to get the one a policy names. Every method raises
+    :class:`~guardrail.errors.RegistryError` on an invalid name, a missing
+    model, version or alias, or a failed read or write.
+    """
 
-    def get(self, name: str, version_or_alias: str) -> ModelVersion: ...
+    @property
+    def location(self) -> str:
+        """Where the registry is (folder, tracking URI or repo URL), for messages and audit records."""
+        ...
 
-    def model_path(self, name: str, version_or_alias: str) -> Path: ...
+    def register(self, name: str, model_folder: Path, *, status: str, tags: dict[str, str], audit: Optional[dict[str, Any]] = None, aliases: tuple[str, ...] = ()) -> ModelVersion:
+        """Store a model folder as a new version (or reuse the version with the same digest) and move aliases to it."""
+        ...
 
-    def set_alias(self, name: str, alias: str, version: int) -> None: ...
+    def get(self, name: str, version_or_alias: str = "latest") -> ModelVersion:
+        """Return a version by number, alias, or ``latest``."""
+        ...
 
-    def list_versions(self, name: Optional[str] = None) -> list[ModelVersion]: ...
+    def model_path(self, name: str, version_or_alias: str = "latest") -> Path:
+        """Return a local folder with the version's model files; remote registries download into a cache."""
+        ...
 
-    def attach_audit(self, name: str, version: int, record: dict[str, Any], attestation: Optional[dict[str, Any]] = None) -> None: ...
+    def audit_record(self, name: str, version_or_alias: str = "latest") -> Optional[dict[str, Any]]:
+        """Return the audit record stored with a version, if any."""
+        ...
 
-    def attestation(self, name: str, version_or_alias: str) -> Optional[dict[str, Any]]: ...
+    def attestation(self, name: str, version_or_alias: str = "latest") -> Optional[dict[str, Any]]:
+        """Return the signed attestation stored with a version, if any."""
+        ...
+
+    def attach_audit(self, name: str, version: int, record: dict[str, Any], attestation: Optional[dict[str, Any]] = None) -> None:
+        """Store a finalized audit record (and its attestation; None removes an old one) with a version."""
+        ...
+
+    def set_alias(self, name: str, alias: str, version: int) -> None:
+        """Point an alias at an existing version."""
+        ...
+
+    def set_status(self, name: str, version: int, status: str, aliases: tuple[str, ...] = (), tags: Optional[dict[str, str]] = None) -> ModelVersion:
+        """Change a version's status and tags and move aliases to it."""
+        ...
+
+    def list_versions(self, name: Optional[str] = None) -> list[ModelVersion]:
+        """List the versions of one model, or of every model."""
+        ...
+
+    def transaction(self, name: str) -> AbstractContextManager[None]:
+        """Group writes to one model; on any exception inside, undo them all."""
+        ...
+
+
+def open_registry(policy: "SafetyPolicy") -> Registry:
+    """Open the registry that the policy's ``registry`` section names.
+
+    Args:
+        policy: The validated policy; ``registry.type`` selects the backend.
+
+    Returns:
+        A :class:`LocalRegistry`, an MLflow registry or a Hub registry.
+
+    Raises:
+        RegistryError: The backend's package is not installed, or its settings are unusable.
+
+    Examples:
+        >>> registry = open_registry(load_policy("policies/default.yaml"))
+        >>> registry.location
+        '.guardrail/registry'
+    """
+    settings = policy.registry
+    if settings.type == "mlflow":
+        try:
+            from guardrail.registry_mlflow import MlflowRegistry
+        except ImportError as exc:
+            raise RegistryError(f"registry.type is 'mlflow' but MLflow cannot be imported ({exc}); install it with pip install 'guardrail[mlflow]'") from exc
+        return MlflowRegistry(str(settings.tracking_uri), experiment=settings.experiment, cache_dir=settings.cache_dir)
+    if settings.type == "hub":
+        from guardrail.registry_hub import HubRegistry
+
+        token = os.environ.get(settings.token_env) or None
+        if token is None:
+            logger.info("$%s is not set; the Hub registry uses huggingface_hub's saved login, if any", settings.token_env)
+        return HubRegistry(
+            str(settings.repo_id),
+            branch=settings.branch,
+            endpoint=settings.endpoint,
+            token=token,
+            token_env=settings.token_env,
+            cache_dir=settings.cache_dir,
+        )
+    return LocalRegistry(settings.path)
 
 
 def validate_name(value: str, what: str = "model name") -> str:
@@ -125,6 +211,11 @@ class LocalRegistry:
         self.root = Path(root)
         self.lock_timeout = lock_timeout
         self._file_lock: Optional[FileLock] = None
+
+    @property
+    def location(self) -> str:
+        """The registry folder, for messages and audit records."""
+        return str(self.root)
 
     def _lock(self) -> FileLock:
         # One FileLock object per registry, so nested acquisitions in a transaction re-enter it.
