@@ -55,7 +55,7 @@ def _configure(
         stream=sys.stderr,
     )
     # transformers and Prefect are chatty at INFO; keep the user's terminal readable.
-    for noisy in ("transformers", "httpx", "huggingface_hub", "filelock", "urllib3"):
+    for noisy in ("transformers", "httpx", "httpx2", "huggingface_hub", "filelock", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -297,16 +297,14 @@ def patch_command(
 @registry_app.command("list")
 def registry_list(
     policy_path: Optional[Path] = typer.Option(None, "--policy", "-p", help="Policy naming the registry."),
-    root: Optional[Path] = typer.Option(None, "--root", help="Registry folder, overriding the policy."),
+    root: Optional[Path] = typer.Option(None, "--root", help="Folder of a local registry, overriding the policy's registry.path."),
     name: Optional[str] = typer.Argument(None, help="Only this model."),
 ) -> None:
     """List registered versions with their status and aliases."""
-    from guardrail.registry import LocalRegistry
-
     with errors_exit():
-        registry = LocalRegistry(_registry_root(policy_path, root))
+        registry = _open_registry(policy_path, root)
         versions = registry.list_versions(name)
-    table = Table(title=f"registry {registry.root}")
+    table = Table(title=f"registry {registry.location}")
     for column in ("model", "version", "status", "aliases", "created", "digest"):
         table.add_column(column)
     for version in versions:
@@ -318,27 +316,29 @@ def registry_list(
 def registry_show(
     reference: str = typer.Argument(..., help="<name>@<alias or version>, or <name> for the latest version."),
     policy_path: Optional[Path] = typer.Option(None, "--policy", "-p", help="Policy naming the registry."),
-    root: Optional[Path] = typer.Option(None, "--root", help="Registry folder, overriding the policy."),
+    root: Optional[Path] = typer.Option(None, "--root", help="Folder of a local registry, overriding the policy's registry.path."),
 ) -> None:
     """Print one version's metadata as JSON."""
     from dataclasses import asdict
 
-    from guardrail.registry import LocalRegistry
-
     with errors_exit():
-        registry = LocalRegistry(_registry_root(policy_path, root))
+        registry = _open_registry(policy_path, root)
         name, _, selector = reference.removeprefix("registry:").partition("@")
         version = registry.get(name, selector or "latest")
     sys.stdout.write(json.dumps(asdict(version), indent=2) + "\n")
 
 
-def _registry_root(policy_path: Optional[Path], root: Optional[Path]) -> Path:
-    from guardrail.policy import RegistrySettings, load_policy
+def _open_registry(policy_path: Optional[Path], root: Optional[Path]):
+    """Open the registry the policy names (the default policy's without one); ``--root`` replaces a local registry's folder."""
+    from guardrail.policy import SafetyPolicy, load_policy
+    from guardrail.registry import open_registry
 
+    policy = load_policy(policy_path) if policy_path else SafetyPolicy()
     if root is not None:
-        return root
-    settings = load_policy(policy_path).registry if policy_path else RegistrySettings()
-    return Path(settings.path)
+        if policy.registry.type != "local":
+            raise GuardrailError(f"--root sets the folder of a local registry, but {policy_path} names a {policy.registry.type} registry; drop --root")
+        policy.registry.path = str(root)
+    return open_registry(policy)
 
 
 @audit_app.command("show")
@@ -351,13 +351,13 @@ def audit_show(
     from guardrail.audit import read_record, summary_markdown, verify_digest
     from guardrail.errors import AuditError
     from guardrail.policy import SafetyPolicy, load_policy
-    from guardrail.registry import LocalRegistry, parse_reference
+    from guardrail.registry import open_registry, parse_reference
 
     with errors_exit():
         policy = load_policy(policy_path) if policy_path else SafetyPolicy()
         parsed = parse_reference(record)
         if parsed is not None:
-            document = LocalRegistry(policy.registry.path).audit_record(*parsed)
+            document = open_registry(policy).audit_record(*parsed)
             if document is None:
                 raise AuditError(f"{record} has no audit record")
         else:
@@ -562,16 +562,18 @@ def demo_command(
     """Build the lab if needed, register its candidate, and run the real gate on it.
 
     The registry and audit folders of the policy are redirected into the
-    demo's home, so the demo never writes into a production registry.
+    demo's home, and the registry is always a local one there, so the demo
+    never writes into a production registry.
     """
     from guardrail.gate import run_gate
     from guardrail.lab import build_lab
     from guardrail.policy import load_policy
-    from guardrail.registry import LocalRegistry
+    from guardrail.registry import open_registry
 
     home = home or _default_home()
     with errors_exit():
         policy = load_policy(policy_path)
+        policy.registry.type = "local"
         policy.registry.path = str(home / "demo" / "registry")
         policy.audit.dir = str(home / "demo" / "audit")
         policy.registry.model_name = "smollm2-135m-demo"
@@ -579,7 +581,7 @@ def demo_command(
             stage("Building or reusing the lab models")
             models = build_lab(home)
             stage("Registering the candidate")
-            LocalRegistry(policy.registry.path).register(
+            open_registry(policy).register(
                 policy.registry.model_name, models.candidate, status="candidate", tags={"source": "guardrail lab"}, aliases=(policy.registry.candidate_alias,)
             )
             result = run_gate(

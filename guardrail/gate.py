@@ -50,7 +50,7 @@ from guardrail.hashing import sha256_json
 from guardrail.loading import LoadedModel, check_reference, load_model
 from guardrail.policy import SafetyPolicy
 from guardrail.realignment import realign, screen_targets
-from guardrail.registry import LocalRegistry, parse_reference
+from guardrail.registry import Registry, open_registry, parse_reference
 from guardrail.files import atomic_write_text
 from guardrail.report import ModelEvaluation
 from guardrail.verification import save_and_reload, verify
@@ -140,13 +140,10 @@ class GateResult:
         return EXIT_CODES[self.decision]
 
 
-def open_registry(policy: SafetyPolicy) -> LocalRegistry:
-    """Open the registry named in the policy."""
-    return LocalRegistry(policy.registry.path)
-
-
 def resolve_reference(reference: str, policy: SafetyPolicy) -> tuple[str, Optional[dict[str, Any]]]:
-    """Turn ``registry:<name>@<selector>`` into a model folder; return other references unchanged.
+    """Turn ``registry:<name>@<selector>`` into a local model folder; return other references unchanged.
+
+    MLflow and Hub registries download the version into ``registry.cache_dir`` first.
 
     Returns:
         The loadable reference and, for registry references, the version's audit record.
@@ -423,12 +420,12 @@ def finish_step(state_path: str | Path) -> GateResult:
     return GateResult(state.decision, state.reason or "", record, audit_path, registered, attestation_path)
 
 
-def _register(registry: LocalRegistry, policy: SafetyPolicy, state: GateState) -> tuple[dict[str, int], Optional[dict[str, Any]]]:
+def _register(registry: Registry, policy: SafetyPolicy, state: GateState) -> tuple[dict[str, int], Optional[dict[str, Any]]]:
     """Register the decision, finalize the record and sign it; return the versions written and the envelope."""
     record = state.record
     candidate_folder = Path(state.candidate_path)
     tags = {"guardrail.decision": str(state.decision), "guardrail.run_id": state.run_id}
-    record["registry"] = {"type": policy.registry.type, "path": str(registry.root), "name": state.model_name, "versions": {}}
+    record["registry"] = {"type": policy.registry.type, "location": registry.location, "name": state.model_name, "versions": {}}
     if not (candidate_folder / "config.json").is_file():
         logger.warning("Candidate %s is not a model folder; it is audited but not registered", candidate_folder)
         audit.finalize(record)
