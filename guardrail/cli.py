@@ -399,9 +399,9 @@ def audit_keygen(
 def _record_store(policy):
     """Return a RecordStore over the policy's audit folder and registry."""
     from guardrail.lineage import RecordStore
-    from guardrail.registry import LocalRegistry
+    from guardrail.registry import open_registry
 
-    return RecordStore(Path(policy.audit.dir), LocalRegistry(policy.registry.path))
+    return RecordStore(Path(policy.audit.dir), open_registry(policy))
 
 
 @audit_app.command("verify")

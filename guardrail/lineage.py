@@ -130,8 +130,8 @@ class RecordStore:
 
     Args:
         audit_dir: Folder of audit records, as set by the policy's ``audit.dir``.
-        registry: Registry whose versions' audit records are searched; any
-            object with ``list_versions`` and ``audit_record``.
+        registry: Registry whose versions' audit records are searched, a
+            :class:`guardrail.registry.Registry`.
     """
 
     def __init__(self, audit_dir: Optional[Path] = None, registry: Any = None) -> None:
@@ -145,7 +145,7 @@ class RecordStore:
         if self.audit_dir is not None:
             places.append(f"audit folder {self.audit_dir}")
         if self.registry is not None:
-            places.append(f"registry {getattr(self.registry, 'root', self.registry)}")
+            places.append(f"registry {getattr(self.registry, 'location', None) or getattr(self.registry, 'root', self.registry)}")
         return " and ".join(places) or "no audit folder or registry"
 
     def find(self, digest: str) -> Optional[tuple[dict[str, Any], str]]:
