@@ -598,6 +598,68 @@ def demo_command(
     raise typer.Exit(result.exit_code)
 
 
+DEFAULT_ANALYSIS_EXAMPLES = ["general-01", "general-02", "general-03", "general-04", "specific-cybercrime", "specific-fraud"]
+
+
+@app.command("analyze")
+def analyze_command(
+    model: str = typer.Argument(..., help="Model to analyse (folder, .gguf, adapter or Hub id), usually the fine-tuned candidate."),
+    example_ids: Optional[list[str]] = typer.Option(None, "--example", "-e", help="Built-in safety example id; repeat for several [default: four general and two category-specific]."),
+    examples_file: Optional[Path] = typer.Option(None, "--examples", help="JSON Lines file of safety examples with prompt, response and an optional id."),
+    reference: Optional[str] = typer.Option(None, "--reference", "-r", help="Aligned model the candidate was fine-tuned from; adds the harmful-direction comparison."),
+    policy_path: Optional[Path] = typer.Option(None, "--policy", "-p", help="Policy whose loading and generation settings apply."),
+    out_dir: Path = typer.Option(Path("guardrail-analysis"), "--out", "-o", help="Folder for analysis.json, analysis.md and the PNG plots."),
+) -> None:
+    """Measure how low-rank the safety gradient is: spectra, CER(k), overlaps, harmful direction."""
+    from guardrail.analysis import analyze, summary_markdown
+    from guardrail.files import atomic_write_text
+    from guardrail.loading import load_model
+    from guardrail.plots import plot_cer, plot_overlaps, plot_spectra
+    from guardrail.policy import SafetyPolicy, load_policy
+
+    with errors_exit():
+        policy = load_policy(policy_path) if policy_path else SafetyPolicy()
+        examples = _analysis_examples(example_ids, examples_file)
+        loaded = load_model(model, policy.loading)
+        reference_loaded = load_model(reference, policy.loading) if reference else None
+        result = analyze(loaded, examples, reference=reference_loaded, system_prompt=policy.generation.system_prompt)
+        document = result.to_dict()
+        atomic_write_text(out_dir / "analysis.json", json.dumps(document, indent=2))
+        markdown = summary_markdown(result)
+        plots = [plot_spectra(document, out_dir / "spectrum.png"), plot_cer(document, out_dir / "cer.png")]
+        if result.overlaps:
+            plots.append(plot_overlaps(document, out_dir / "overlap.png"))
+        markdown += "\n" + "\n".join(f"![{path.stem}]({path.name})" for path in plots) + "\n"
+        atomic_write_text(out_dir / "analysis.md", markdown)
+    out.print(markdown, markup=False, highlight=False)
+    err.print(f"wrote {out_dir / 'analysis.json'}, {out_dir / 'analysis.md'} and {len(plots)} plot(s) in {result.seconds:.0f} s")
+
+
+def _analysis_examples(example_ids: Optional[list[str]], examples_file: Optional[Path]) -> list:
+    """Collect the safety examples named on the command line, or the default set."""
+    from guardrail.policy import SafetyExample
+    from guardrail.realignment import default_safety_examples
+
+    known = {example.id: example for example in default_safety_examples("general") + default_safety_examples("specific")}
+    chosen = []
+    for example_id in example_ids or ([] if examples_file else DEFAULT_ANALYSIS_EXAMPLES):
+        if example_id not in known:
+            raise GuardrailError(f"unknown safety example {example_id!r}; built-in ids: {', '.join(sorted(known))}")
+        chosen.append(known[example_id])
+    if examples_file is not None:
+        if not examples_file.is_file():
+            raise GuardrailError(f"examples file {examples_file} not found; pass a JSON Lines file with prompt and response fields")
+        for number, line in enumerate(examples_file.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                chosen.append(SafetyExample(id=row.get("id") or f"{examples_file.stem}-{number}", prompt=row["prompt"], response=row["response"]))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                raise GuardrailError(f"{examples_file}:{number}: invalid safety example ({exc}); each line needs a JSON object with prompt and response") from exc
+    return chosen
+
+
 def main() -> None:
     """Run the CLI; the console script entry point."""
     app()
