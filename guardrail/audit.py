@@ -178,6 +178,9 @@ def summary_markdown(record: dict[str, Any]) -> str:
                     f"| {attempt['index']} | {attempt['example_id']} | {attempt['learning_rate']:.0e} | {epoch['epoch']} | {epoch['loss']:.3f} | "
                     f"{100 * screen['refusal']:.0f}% | {100 * screen['over_refusal']:.0f}% | {screen['kl']:.4f} | {'yes' if epoch['accepted'] else ''} |"
                 )
+    plots = record.get("plots") or {}
+    if plots.get("patch_trace"):
+        lines += ["", f"![refusal and over-refusal per patch epoch]({plots['patch_trace']})", "", "The plot file is in the audit folder, next to this run's record."]
     if record.get("error"):
         lines += ["", f"error: {record['error']}"]
     return "\n".join(lines) + "\n"

@@ -410,6 +410,7 @@ def finish_step(state_path: str | Path) -> GateResult:
     record["decision"], record["reason"] = state.decision, state.reason
     record["timings"]["total"] = round(time.time() - state.started_epoch_seconds, 2)
     lineage.complete_parent(record)
+    _plot_patch_trace(record, Path(policy.audit.dir), state.run_id)
 
     registry = open_registry(policy)
     registered, envelope = _register(registry, policy, state)
@@ -418,6 +419,25 @@ def finish_step(state_path: str | Path) -> GateResult:
     state.audit_path = str(audit_path)
     state.save()
     return GateResult(state.decision, state.reason or "", record, audit_path, registered, attestation_path)
+
+
+def _plot_patch_trace(record: dict[str, Any], audit_dir: Path, run_id: str) -> None:
+    """Draw refusal per patch epoch next to the audit record, and name the file in the record.
+
+    The plot is a convenience for reports, so a missing matplotlib or a
+    drawing error is logged and the gate goes on.
+    """
+    if not record.get("training_trace"):
+        return
+    from guardrail.plots import plot_patch_trace
+
+    path = audit_dir / f"{run_id}.patch.png"
+    try:
+        plot_patch_trace(record["training_trace"], path)
+    except (GuardrailError, OSError, ValueError) as exc:
+        logger.warning("Could not draw the patch plot %s: %s", path, exc)
+        return
+    record["plots"] = {"patch_trace": path.name}
 
 
 def _register(registry: Registry, policy: SafetyPolicy, state: GateState) -> tuple[dict[str, int], Optional[dict[str, Any]]]:

@@ -116,6 +116,25 @@ def test_gate_blocks_when_patch_fails_screen(tiny_model_dir, tmp_path):
     assert result.registered == {"candidate": 1}
 
 
+def test_gate_plots_patch_trace(tiny_model_dir, tmp_path):
+    policy = tiny_policy(tmp_path)
+
+    result = run(tiny_model_dir, policy, tmp_path)
+
+    plot_name = result.record["plots"]["patch_trace"]
+    assert (result.audit_path.parent / plot_name).read_bytes().startswith(b"\x89PNG")
+    assert f"]({plot_name})" in audit.summary_markdown(result.record)
+
+
+def test_gate_without_patch_has_no_plot(tiny_model_dir, tmp_path):
+    policy = tiny_policy(tmp_path, realignment="realignment: {action: block}")
+
+    result = run(tiny_model_dir, policy, tmp_path)
+
+    assert "plots" not in result.record
+    assert list(result.audit_path.parent.glob("*.png")) == []
+
+
 def test_gate_patches_verifies_and_registers(tiny_model_dir, tmp_path):
     policy = patchable_policy(tmp_path)
 
