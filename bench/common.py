@@ -147,11 +147,21 @@ def measure(loaded: LoadedModel, policy: SafetyPolicy, strongreject: Optional[Pr
     return figures
 
 
+def _cpu_model() -> str:
+    """Return the CPU model name from /proc/cpuinfo on Linux, else what platform reports."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict[str, Any]:
     """Describe the machine a result was measured on."""
     return {
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

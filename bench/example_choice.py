@@ -1,9 +1,9 @@
 """Safety example choice: which single example, and how many examples, restore refusal?
 
-On the lab candidate (the reference after a 50-example harmful fine-tune),
-the benchmark applies the published one-shot recipe unchanged: full
-fine-tuning, AdamW at lr 2e-5, one step per epoch on the whole example set,
-10 epochs, no early stopping and no KL anchor. It compares several single
+The benchmark patches the lab candidate (the reference after a 50-example
+harmful fine-tune) with the published one-shot recipe unchanged. That is
+full fine-tuning with AdamW at lr 2e-5, one step per epoch on the whole
+example set, and 10 epochs, without early stopping or a KL anchor. It compares several single
 examples (general refusals against category-specific ones) and sets of 1,
 2, 4 and 8 general examples. After every epoch it screens refusal,
 over-refusal and KL drift on the held-out screening sets, and after the last
