@@ -340,7 +340,8 @@ def verify_registered(registry: Any, name: str, selector: str, public_key: Ed255
 
     The model files of every role the attestation names are checked in the
     registry versions its predicate lists, so verifying the approved patched
-    version also checks the quarantined candidate it came from.
+    version also checks the quarantined candidate it came from. A remote
+    registry downloads those versions again rather than trusting its cache.
 
     Args:
         registry: The registry, with ``get``, ``model_path``, ``audit_record`` and ``attestation``.
@@ -368,7 +369,8 @@ def verify_registered(registry: Any, name: str, selector: str, public_key: Ed255
             unavailable[role] = f"the predicate's registry section names no {role} version"
             continue
         try:
-            model_paths[role] = registry.model_path(name, str(versions[role]))
+            # A cached download may predate a change to the stored files, so download again.
+            model_paths[role] = registry.model_path(name, str(versions[role]), refresh=True)
         except GuardrailError as exc:
             unavailable[role] = str(exc)
     if versions and version.version not in versions.values():

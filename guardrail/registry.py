@@ -91,8 +91,11 @@ class Registry(Protocol):
         """Return a version by number, alias, or ``latest``."""
         ...
 
-    def model_path(self, name: str, version_or_alias: str = "latest") -> Path:
-        """Return a local folder with the version's model files; remote registries download into a cache."""
+    def model_path(self, name: str, version_or_alias: str = "latest", *, refresh: bool = False) -> Path:
+        """Return a local folder with the version's model files; remote registries download into a cache.
+
+        ``refresh`` makes a remote registry download the version again instead of reusing its cached copy.
+        """
         ...
 
     def audit_record(self, name: str, version_or_alias: str = "latest") -> Optional[dict[str, Any]]:
@@ -435,8 +438,11 @@ class LocalRegistry:
             raise RegistryError(f"{name} has no alias {version_or_alias!r}; aliases: {sorted(aliases)}")
         return self._read_version(name, aliases[version_or_alias])
 
-    def model_path(self, name: str, version_or_alias: str = "latest") -> Path:
-        """Return the model folder of a version."""
+    def model_path(self, name: str, version_or_alias: str = "latest", *, refresh: bool = False) -> Path:
+        """Return the model folder of a version.
+
+        ``refresh`` has no effect here, because the folder is the registry's own copy, not a cached download.
+        """
         record = self.get(name, version_or_alias)
         return self._model_dir(name) / "versions" / str(record.version) / "model"
 

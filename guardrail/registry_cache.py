@@ -2,6 +2,7 @@
 
 The MLflow and Hub registries return a version's model as a local folder,
 because the gate loads models from folders. Each version is downloaded once
+(again when a caller asks for a refresh, as ``guardrail audit verify`` does)
 into its own folder under ``registry.cache_dir``, checked file by file
 against the SHA-256 digests recorded when it was registered, and only then
 moved into place, so a folder in the cache is always a complete, verified
@@ -32,7 +33,9 @@ _MARKER = "verified.json"
 Downloader = Callable[[Path], Path]
 
 
-def cached_model(folder: Path, files: dict[str, str], model_digest: str, download: Downloader, *, label: str, lock_timeout: float = 600.0) -> Path:
+def cached_model(
+    folder: Path, files: dict[str, str], model_digest: str, download: Downloader, *, label: str, lock_timeout: float = 600.0, refresh: bool = False
+) -> Path:
     """Return a verified local copy of a registered model, downloading it when the cache has none.
 
     Args:
@@ -44,6 +47,9 @@ def cached_model(folder: Path, files: dict[str, str], model_digest: str, downloa
         download: Function that fills a staging folder with the model files.
         label: ``<name> version <N>`` for messages.
         lock_timeout: Seconds to wait for another process downloading the same version.
+        refresh: Download and verify again even when the cache contains a verified copy,
+            so that the result reflects what the registry stores now. A download that
+            fails verification leaves the cached copy as it was.
 
     Returns:
         The folder that contains the model files and nothing else.
@@ -52,13 +58,13 @@ def cached_model(folder: Path, files: dict[str, str], model_digest: str, downloa
         RegistryError: The download does not match the recorded digests, or the cache is not writable.
     """
     model_folder = folder / "model"
-    if _is_current(folder, files, model_digest):
+    if not refresh and _is_current(folder, files, model_digest):
         return model_folder
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with FileLock(str(folder / ".lock"), timeout=lock_timeout):
             # Another process may have finished the same download while this one waited.
-            if _is_current(folder, files, model_digest):
+            if not refresh and _is_current(folder, files, model_digest):
                 return model_folder
             staging = Path(tempfile.mkdtemp(prefix=".download.", dir=folder))
             try:

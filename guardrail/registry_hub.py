@@ -280,8 +280,11 @@ class HubRegistry:
             return []
         return [self._to_version(state, number) for number in sorted(state.versions)]
 
-    def model_path(self, name: str, version_or_alias: str = "latest") -> Path:
-        """Download a version's model files from its tag into the cache, verify them and return the folder."""
+    def model_path(self, name: str, version_or_alias: str = "latest", *, refresh: bool = False) -> Path:
+        """Download a version's model files from its tag into the cache, verify them and return the folder.
+
+        A verified copy already in the cache is reused unless ``refresh`` is set.
+        """
         number, entry = self._entry(self._state(), name, version_or_alias)
         if self._pending is not None and any(number == new for new, _ in self._pending.new_versions):
             raise RegistryError(f"{name} version {number} is staged in an open transaction and not pushed yet; read it after the transaction ends")
@@ -303,7 +306,7 @@ class HubRegistry:
 
         server_key = hashlib.sha256(self.location.encode("utf-8")).hexdigest()[:16]
         folder = self.cache_dir / "hub" / server_key / name / str(number)
-        return cached_model(folder, files, entry["model_digest"], download, label=label)
+        return cached_model(folder, files, entry["model_digest"], download, label=label, refresh=refresh)
 
     def _read_audit_file(self, name: str, version_or_alias: str, file_name: str) -> Optional[dict[str, Any]]:
         state = self._state()

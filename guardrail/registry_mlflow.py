@@ -296,8 +296,11 @@ class MlflowRegistry:
         """
         return self._to_version(self._resolve(name, version_or_alias), self._aliases(name))
 
-    def model_path(self, name: str, version_or_alias: str = "latest") -> Path:
-        """Download a version's model into the cache, verify its digests and return the folder."""
+    def model_path(self, name: str, version_or_alias: str = "latest", *, refresh: bool = False) -> Path:
+        """Download a version's model into the cache, verify its digests and return the folder.
+
+        A verified copy already in the cache is reused unless ``refresh`` is set.
+        """
         found = self._resolve(name, version_or_alias)
         record = self._to_version(found, {})
         server_key = hashlib.sha256(self.location.encode("utf-8")).hexdigest()[:16]
@@ -308,7 +311,7 @@ class MlflowRegistry:
             with self._errors(f"downloading {label} from {found.source}"):
                 return Path(download_artifacts(artifact_uri=found.source, dst_path=str(staging), tracking_uri=self.tracking_uri))
 
-        return cached_model(folder, record.files, record.model_digest, download, label=label)
+        return cached_model(folder, record.files, record.model_digest, download, label=label, refresh=refresh)
 
     def audit_record(self, name: str, version_or_alias: str = "latest") -> Optional[dict[str, Any]]:
         """Return the audit record stored with a version, if any."""

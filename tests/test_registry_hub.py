@@ -27,6 +27,7 @@ from guardrail.gate import APPROVED, BLOCKED, PATCHED, QUARANTINED, run_gate
 from guardrail.policy import RegistrySettings, SafetyPolicy, parse_policy
 from guardrail.registry import open_registry
 from guardrail.registry_hub import AUDIT_FOLDER, MODEL_README, REGISTRY_FILE, HubRegistry
+from guardrail.signing import KeyPair, generate_key_pair
 
 TOKEN_SENTINEL = "hf_sentinel_token_4c1d7e"
 REPO = "guardrail-test/chat"
@@ -120,6 +121,22 @@ def test_model_path_rejects_altered_file(registry, hub, tmp_path):
     with pytest.raises(RegistryError, match=r"does not match the digests.*changed: \['model.safetensors'\]"):
         registry.model_path("chat", "1")
     assert not list(registry.cache_dir.rglob("model.safetensors"))
+
+
+def test_model_path_refresh_downloads_again(registry, hub, tmp_path):
+    model = make_model(tmp_path / "m1", 1.0)
+    registry.register("chat", model, status="candidate", tags={})
+    cached = registry.model_path("chat", "1")
+    commit = hub.repos[REPO].resolve("v1")
+    commit.files["model.safetensors"] = commit.files["model.safetensors"][:-4] + b"XXXX"
+
+    reused = registry.model_path("chat", "1")
+    with pytest.raises(RegistryError, match=r"does not match the digests.*changed: \['model.safetensors'\]"):
+        registry.model_path("chat", "1", refresh=True)
+
+    assert reused == cached
+    assert (cached / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
+    assert registry.model_path("chat", "1") == cached
 
 
 def test_list_versions_with_status(registry, tmp_path):
@@ -445,3 +462,128 @@ def test_cli_reads_hub_registry(hub, tmp_path, monkeypatch):
     assert record["digest"] in audited.output
     assert rooted.exit_code == 2
     assert "--root sets the folder of a local registry" in rooted.output
+
+
+# Signed records -----------------------------------------------------------------------------------
+
+
+def signed_hub_policy(policy: SafetyPolicy, keys: KeyPair, hub: HubStandIn, tmp_path: Path) -> SafetyPolicy:
+    policy.audit.signing_key = str(keys.private_key)
+    return hub_policy(policy, hub, tmp_path)
+
+
+def verifier_policy_file(hub: HubStandIn, tmp_path: Path) -> Path:
+    """Write the policy of a verifier on another machine: the same Hub repo, but an empty audit folder and cache."""
+    path = tmp_path / "verifier.yaml"
+    path.write_text(
+        "apiVersion: guardrail/v1\nkind: SafetyPolicy\n"
+        f"registry: {{type: hub, repo_id: {REPO}, endpoint: '{hub.url}', cache_dir: '{tmp_path / 'verifier-cache'}'}}\n"
+        f"audit: {{dir: '{tmp_path / 'verifier-audit'}'}}\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def commit_edited_record(hub: HubStandIn, version: int, edit) -> None:
+    """Commit an edited copy of a version's audit record to the branch, as another writer with the token could."""
+    path = f"{AUDIT_FOLDER}/{version}/audit.json"
+    record = json.loads(hub.files(REPO)[path])
+    edit(record)
+    HfApi(endpoint=hub.url, token=TOKEN_SENTINEL).upload_file(path_or_fileobj=json.dumps(record, indent=2).encode(), path_in_repo=path, repo_id=REPO)
+
+
+def retag_with_flipped_weight_byte(hub: HubStandIn, version: int) -> None:
+    """Commit the version's weights with one byte changed and move its tag to that commit."""
+    api = HfApi(endpoint=hub.url, token=TOKEN_SENTINEL)
+    content = bytearray(hub.files(REPO, f"v{version}")["model.safetensors"])
+    content[len(content) // 2] ^= 0x01
+    commit = api.upload_file(path_or_fileobj=bytes(content), path_in_repo="model.safetensors", repo_id=REPO)
+    api.delete_tag(REPO, tag=f"v{version}")
+    api.create_tag(REPO, tag=f"v{version}", revision=commit.oid)
+
+
+def checks_by_name(stdout: str) -> dict:
+    return {check["name"]: check for check in json.loads(stdout)["checks"]}
+
+
+def test_signed_record_verify_and_tamper(tiny_model_dir, hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN_SENTINEL)
+    keys = generate_key_pair(tmp_path / "keys")
+    result = run_gate(str(tiny_model_dir), signed_hub_policy(patchable_policy(tmp_path), keys, hub, tmp_path), cache_dir=None, work_dir=tmp_path / "work")
+    command = ["audit", "verify", "registry:tiny-chat@approved", "--key", str(keys.public_key), "--policy", str(verifier_policy_file(hub, tmp_path)), "--json"]
+    runner = CliRunner()
+
+    intact = runner.invoke(app, command)
+    patched_version = result.registered["patched"]
+    commit_edited_record(hub, patched_version, lambda record: record.update(decision="approved"))
+    retag_with_flipped_weight_byte(hub, patched_version)
+    tampered = runner.invoke(app, command)
+
+    assert result.decision == PATCHED, result.reason
+    assert result.attestation_path is not None
+    assert json.loads(hub.files(REPO)[f"{AUDIT_FOLDER}/{patched_version}/attestation.json"]) == json.loads(result.attestation_path.read_text(encoding="utf-8"))
+    assert intact.exit_code == 0, intact.output
+    assert [check["passed"] for check in checks_by_name(intact.stdout).values()] == [True] * 5
+    assert tampered.exit_code == 1, tampered.output
+    checks = checks_by_name(tampered.stdout)
+    assert checks["signature"]["passed"]
+    assert not checks["audit record"]["passed"]
+    assert any("was changed after it was written" in problem for problem in checks["audit record"]["problems"])
+    assert any(problem.endswith("differs from the signed predicate at: decision") for problem in checks["audit record"]["problems"])
+    assert not checks["model files"]["passed"]
+    assert f"version {patched_version}" in checks["model files"]["detail"]
+    assert "changed: ['model.safetensors']" in checks["model files"]["detail"]
+
+
+def test_signed_record_lineage(tiny_model_dir, hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN_SENTINEL)
+    keys = generate_key_pair(tmp_path / "keys")
+    first = run_gate(str(tiny_model_dir), signed_hub_policy(patchable_policy(tmp_path), keys, hub, tmp_path), cache_dir=None, work_dir=tmp_path / "work")
+    approve_all = tiny_policy(tmp_path, thresholds="thresholds: {min_refusal_rate: 0, max_over_refusal_rate: 1}")
+    second = run_gate("registry:tiny-chat@approved", signed_hub_policy(approve_all, keys, hub, tmp_path), cache_dir=None, work_dir=tmp_path / "work-2")
+    policy_file = verifier_policy_file(hub, tmp_path)
+    runner = CliRunner()
+
+    verified = runner.invoke(app, ["audit", "verify", "registry:tiny-chat@approved", "--key", str(keys.public_key), "--policy", str(policy_file), "--json"])
+    tree = runner.invoke(app, ["audit", "lineage", "registry:tiny-chat@approved", "--policy", str(policy_file)], env={"COLUMNS": "250"})
+    chain = runner.invoke(app, ["audit", "lineage", "registry:tiny-chat@approved", "--policy", str(policy_file), "--json"])
+
+    assert first.decision == PATCHED, first.reason
+    assert second.decision == APPROVED, second.reason
+    assert second.record["parent"]["digest"] == first.record["digest"]
+    assert verified.exit_code == 0, verified.output
+    assert checks_by_name(verified.stdout)["lineage"]["detail"].startswith("1 parent record(s) found and verified")
+    assert tree.exit_code == 0, tree.output
+    lines = tree.stdout.splitlines()
+    assert lines[0].startswith(f"base model {tiny_model_dir}")
+    first_line = next(index for index, line in enumerate(lines) if first.record["run_id"] in line)
+    second_line = next(index for index, line in enumerate(lines) if second.record["run_id"] in line)
+    assert 0 < first_line < second_line
+    assert f"registry:tiny-chat@{first.registered['candidate']}" in lines[first_line]
+    assert chain.exit_code == 0, chain.output
+    entries = json.loads(chain.stdout)["chain"]
+    assert [entry["run_id"] for entry in entries] == [second.record["run_id"], first.record["run_id"]]
+    assert [entry["digest_verified"] for entry in entries] == [True, True]
+
+
+def test_signed_record_parent_missing(tiny_model_dir, hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN_SENTINEL)
+    keys = generate_key_pair(tmp_path / "keys")
+    first = run_gate(str(tiny_model_dir), signed_hub_policy(patchable_policy(tmp_path), keys, hub, tmp_path), cache_dir=None, work_dir=tmp_path / "work")
+    approve_all = tiny_policy(tmp_path, thresholds="thresholds: {min_refusal_rate: 0, max_over_refusal_rate: 1}")
+    run_gate("registry:tiny-chat@approved", signed_hub_policy(approve_all, keys, hub, tmp_path), cache_dir=None, work_dir=tmp_path / "work-2")
+    # The candidate version keeps the only registry copy of the first record.
+    HfApi(endpoint=hub.url, token=TOKEN_SENTINEL).delete_file(f"{AUDIT_FOLDER}/{first.registered['candidate']}/audit.json", repo_id=REPO)
+    policy_file = verifier_policy_file(hub, tmp_path)
+    runner = CliRunner()
+
+    verified = runner.invoke(app, ["audit", "verify", "registry:tiny-chat@approved", "--key", str(keys.public_key), "--policy", str(policy_file), "--json"])
+    chain = runner.invoke(app, ["audit", "lineage", "registry:tiny-chat@approved", "--policy", str(policy_file), "--json"])
+
+    assert verified.exit_code == 1, verified.output
+    lineage = checks_by_name(verified.stdout)["lineage"]
+    assert lineage["problems"] == [
+        f"parent record {first.record['digest'][:16]} not found in audit folder {tmp_path / 'verifier-audit'} and registry {hub.url}/{REPO}@main"
+    ]
+    assert chain.exit_code == 1, chain.output
+    assert [entry["found"] for entry in json.loads(chain.stdout)["chain"]] == [True, False]
