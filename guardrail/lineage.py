@@ -31,6 +31,7 @@ from typing import Any, Optional
 
 from guardrail import audit
 from guardrail.errors import GuardrailError
+from guardrail.registry import parse_reference
 
 logger = logging.getLogger(__name__)
 
@@ -148,12 +149,18 @@ class RecordStore:
             places.append(f"registry {getattr(self.registry, 'location', None) or getattr(self.registry, 'root', self.registry)}")
         return " and ".join(places) or "no audit folder or registry"
 
-    def find(self, digest: str) -> Optional[tuple[dict[str, Any], str]]:
-        """Return the record whose ``digest`` field is ``digest`` and where it was found, or None."""
+    def find(self, digest: str, model_name: Optional[str] = None) -> Optional[tuple[dict[str, Any], str]]:
+        """Return the record whose ``digest`` field is ``digest`` and where it was found, or None.
+
+        Args:
+            digest: The record's own digest.
+            model_name: Registered model the record probably belongs to; its
+                versions are searched before those of every model in the registry.
+        """
         found = self._audit_dir_index().get(digest)
         if found is not None:
             return found
-        return self._find_in_registry(digest)
+        return self._find_in_registry(digest, model_name)
 
     def find_run(self, run_id: str, digest: str) -> tuple[Optional[dict[str, Any]], str]:
         """Return the stored record of a run and where it was read, or None and where it was looked for.
@@ -184,19 +191,38 @@ class RecordStore:
                         self._by_digest.setdefault(record["digest"], (record, str(path)))
         return self._by_digest
 
-    def _find_in_registry(self, digest: str) -> Optional[tuple[dict[str, Any], str]]:
+    def _find_in_registry(self, digest: str, model_name: Optional[str] = None) -> Optional[tuple[dict[str, Any], str]]:
         if self.registry is None:
             return None
         try:
-            for version in self.registry.list_versions():
-                if version.audit_digest != digest:
-                    continue
-                record = self.registry.audit_record(version.name, str(version.version))
-                if record is not None:
-                    return record, f"registry:{version.name}@{version.version}"
+            # Listing every model costs several requests per version on an MLflow
+            # server, so the versions of the likely model are searched first.
+            if model_name is not None:
+                found = self._find_in_versions(self.registry.list_versions(model_name), digest)
+                if found is not None:
+                    return found
+            return self._find_in_versions(self.registry.list_versions(), digest)
         except GuardrailError as exc:
             logger.warning("Cannot search %s for audit record %s: %s", self.describe(), digest[:12], exc)
         return None
+
+    def _find_in_versions(self, versions: list[Any], digest: str) -> Optional[tuple[dict[str, Any], str]]:
+        for version in versions:
+            if version.audit_digest != digest:
+                continue
+            record = self.registry.audit_record(version.name, str(version.version))
+            if record is not None:
+                return record, f"registry:{version.name}@{version.version}"
+        return None
+
+
+def _registered_name(parent: dict[str, Any]) -> Optional[str]:
+    """Return the model name in a parent's ``registry:<name>@<selector>`` reference, or None for other references."""
+    try:
+        parsed = parse_reference(str(parent.get("reference") or ""))
+    except GuardrailError:
+        return None
+    return parsed[0] if parsed is not None else None
 
 
 @dataclass
@@ -263,7 +289,7 @@ def trace_lineage(record: dict[str, Any], store: RecordStore, source: Optional[s
             lineage.entries.append(LineageEntry(digest))
             return lineage
         seen.add(digest)
-        found = store.find(digest) if isinstance(digest, str) else None
+        found = store.find(digest, _registered_name(parent)) if isinstance(digest, str) else None
         if found is None:
             lineage.entries.append(LineageEntry(digest))
             return lineage

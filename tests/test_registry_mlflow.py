@@ -26,15 +26,18 @@ pytest.importorskip("mlflow")
 
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
 from test_gate import patchable_policy, tiny_policy  # noqa: E402
 from test_registry import make_model  # noqa: E402
 
 from guardrail import audit  # noqa: E402
+from guardrail.cli import app  # noqa: E402
 from guardrail.errors import PolicyError, RegistryError  # noqa: E402
 from guardrail.gate import APPROVED, PATCHED, QUARANTINED, run_gate  # noqa: E402
 from guardrail.policy import RegistrySettings, SafetyPolicy, parse_policy  # noqa: E402
 from guardrail.registry import open_registry  # noqa: E402
 from guardrail.registry_mlflow import AUDIT_TAG, DIGEST_TAG, STATUS_TAG, TAG_VALUE_LIMIT_BYTES, MlflowRegistry  # noqa: E402
+from guardrail.signing import KeyPair, generate_key_pair  # noqa: E402
 
 SERVER_START_TIMEOUT_S = 180
 SERVER_STOP_TIMEOUT_S = 15
@@ -437,3 +440,115 @@ def test_gate_failure_leaves_registry_unchanged(tiny_model_dir, mlflow_server, n
     assert [(entry.version, entry.status, entry.aliases, entry.tags) for entry in registry.list_versions(name)] == before
     assert len(runs_of(mlflow_server, name)) == 1
     assert audit.list_records(tmp_path / "audit")[-1]["decision"] == "error"
+
+
+# Signed records -----------------------------------------------------------------------------------
+
+
+def signed_mlflow_policy(policy: SafetyPolicy, keys: KeyPair, mlflow_server: dict, tmp_path: Path, model_name: str) -> SafetyPolicy:
+    policy.audit.signing_key = str(keys.private_key)
+    return mlflow_policy(policy, mlflow_server, tmp_path, model_name)
+
+
+def verifier_policy_file(mlflow_server: dict, tmp_path: Path) -> Path:
+    """Write the policy of a verifier on another machine: the same MLflow server, but an empty audit folder and cache."""
+    path = tmp_path / "verifier.yaml"
+    path.write_text(
+        "apiVersion: guardrail/v1\nkind: SafetyPolicy\n"
+        f"registry: {{type: mlflow, tracking_uri: '{mlflow_server['url']}', cache_dir: '{tmp_path / 'verifier-cache'}'}}\n"
+        f"audit: {{dir: '{tmp_path / 'verifier-audit'}'}}\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def replace_audit_artifact(mlflow_server: dict, name: str, version: int, edit, folder: Path) -> None:
+    """Download a version's audit/audit.json into ``folder``, edit it and log it back, as another writer to the run could."""
+    mlflow = client(mlflow_server)
+    run_id = mlflow.get_model_version(name, str(version)).run_id
+    local = Path(mlflow.download_artifacts(run_id, "audit/audit.json", dst_path=str(folder)))
+    record = json.loads(local.read_text(encoding="utf-8"))
+    edit(record)
+    local.write_text(json.dumps(record, indent=2, sort_keys=True), encoding="utf-8")
+    mlflow.log_artifact(run_id, str(local), "audit")
+
+
+def flip_stored_weight_byte(mlflow_server: dict, name: str, version: int) -> None:
+    run_id = client(mlflow_server).get_model_version(name, str(version)).run_id
+    weights = next(mlflow_server["artifacts"].rglob(f"{run_id}/artifacts/model/model.safetensors"))
+    content = bytearray(weights.read_bytes())
+    content[len(content) // 2] ^= 0x01
+    weights.write_bytes(bytes(content))
+
+
+def checks_by_name(stdout: str) -> dict:
+    """Index the checks of ``audit verify --json`` by name. MLflow prints its download progress to stderr, so only stdout is parsed."""
+    return {check["name"]: check for check in json.loads(stdout)["checks"]}
+
+
+def test_signed_record_verify_and_tamper(tiny_model_dir, mlflow_server, name, tmp_path):
+    keys = generate_key_pair(tmp_path / "keys")
+    policy = signed_mlflow_policy(patchable_policy(tmp_path), keys, mlflow_server, tmp_path, name)
+    result = run_gate(str(tiny_model_dir), policy, cache_dir=None, work_dir=tmp_path / "work")
+    command = ["audit", "verify", f"registry:{name}@approved", "--key", str(keys.public_key), "--policy", str(verifier_policy_file(mlflow_server, tmp_path)), "--json"]
+    runner = CliRunner()
+
+    intact = runner.invoke(app, command)
+    patched_version = result.registered["patched"]
+    replace_audit_artifact(mlflow_server, name, patched_version, lambda record: record.update(decision="approved"), tmp_path / "edited")
+    flip_stored_weight_byte(mlflow_server, name, patched_version)
+    tampered = runner.invoke(app, command)
+
+    assert result.decision == PATCHED, result.reason
+    assert result.attestation_path is not None
+    assert intact.exit_code == 0, intact.output
+    assert [check["passed"] for check in checks_by_name(intact.stdout).values()] == [True] * 5
+    assert tampered.exit_code == 1, tampered.output
+    checks = checks_by_name(tampered.stdout)
+    assert checks["signature"]["passed"]
+    assert not checks["audit record"]["passed"]
+    assert any("was changed after it was written" in problem for problem in checks["audit record"]["problems"])
+    assert any(problem.endswith("differs from the signed predicate at: decision") for problem in checks["audit record"]["problems"])
+    assert not checks["model files"]["passed"]
+    assert f"version {patched_version}" in checks["model files"]["detail"]
+    assert "changed: ['model.safetensors']" in checks["model files"]["detail"]
+
+
+def test_signed_record_lineage(tiny_model_dir, mlflow_server, name, tmp_path, monkeypatch):
+    keys = generate_key_pair(tmp_path / "keys")
+    first = run_gate(str(tiny_model_dir), signed_mlflow_policy(patchable_policy(tmp_path), keys, mlflow_server, tmp_path, name), cache_dir=None, work_dir=tmp_path / "work")
+    approve_all = tiny_policy(tmp_path, thresholds="thresholds: {min_refusal_rate: 0, max_over_refusal_rate: 1}")
+    second = run_gate(f"registry:{name}@approved", signed_mlflow_policy(approve_all, keys, mlflow_server, tmp_path, name), cache_dir=None, work_dir=tmp_path / "work-2")
+    policy_file = verifier_policy_file(mlflow_server, tmp_path)
+    runner = CliRunner()
+    # The parent's reference names the model, so no search should list every model on the shared server.
+    all_model_searches = []
+    real_search = MlflowClient.search_registered_models
+
+    def counting_search(self, *args, **kwargs):
+        all_model_searches.append(args or kwargs)
+        return real_search(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "search_registered_models", counting_search)
+
+    verified = runner.invoke(app, ["audit", "verify", f"registry:{name}@approved", "--key", str(keys.public_key), "--policy", str(policy_file), "--json"])
+    tree = runner.invoke(app, ["audit", "lineage", f"registry:{name}@approved", "--policy", str(policy_file)], env={"COLUMNS": "250"})
+    chain = runner.invoke(app, ["audit", "lineage", f"registry:{name}@approved", "--policy", str(policy_file), "--json"])
+
+    assert first.decision == PATCHED, first.reason
+    assert second.decision == APPROVED, second.reason
+    assert second.record["parent"]["digest"] == first.record["digest"]
+    assert verified.exit_code == 0, verified.output
+    assert checks_by_name(verified.stdout)["lineage"]["detail"].startswith("1 parent record(s) found and verified")
+    assert tree.exit_code == 0, tree.output
+    lines = tree.stdout.splitlines()
+    assert lines[0].startswith(f"base model {tiny_model_dir}")
+    first_line = next(index for index, line in enumerate(lines) if first.record["run_id"] in line)
+    second_line = next(index for index, line in enumerate(lines) if second.record["run_id"] in line)
+    assert 0 < first_line < second_line
+    assert f"registry:{name}@{first.registered['candidate']}" in lines[first_line]
+    assert chain.exit_code == 0, chain.output
+    entries = json.loads(chain.stdout)["chain"]
+    assert [entry["run_id"] for entry in entries] == [second.record["run_id"], first.record["run_id"]]
+    assert [entry["digest_verified"] for entry in entries] == [True, True]
+    assert all_model_searches == []
