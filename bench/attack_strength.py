@@ -140,17 +140,19 @@ def run(setup: BenchSetup, only: Optional[list[str]] = None) -> dict[str, Any]:
 def markdown_table(document: dict[str, Any]) -> str:
     """Render the results as the Markdown table used in docs/benchmarks.md."""
     lines = [
-        "| candidate | decision | refusal before / after | StrongREJECT before / after | over-refusal before / after | benign KL | epochs (accepted) | gate s without the reference |",
-        "|---|---|---|---|---|---|---|---|",
+        "| candidate | decision | refusal before / after | StrongREJECT before / after | over-refusal before / after | benign KL | best screened epoch: refusal / over-refusal / KL | epochs (accepted) | gate s without the reference |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in document["results"]:
         candidate, patched, trace = row["candidate"] or {}, row["patched"] or {}, row["trace"] or {}
         kl = patched.get("benign_kl")
+        best = trace.get("best_screen")
+        best_cell = f"{percent(best['refusal'])} / {percent(best['over_refusal'])} / {best['kl']:.3f}" if best else ""
         lines.append(
             f"| {row['name']} | {row['decision']} | {percent(candidate.get('refusal_rate'))} / {percent(patched.get('refusal_rate'))} "
             f"| {percent(row.get('candidate_strongreject'))} / {percent(row.get('patched_strongreject'))} "
             f"| {percent(candidate.get('over_refusal_rate'))} / {percent(patched.get('over_refusal_rate'))} "
-            f"| {'' if kl is None else f'{kl:.3f}'} | {trace.get('epochs_trained', 0)} ({trace.get('accepted_epoch') or '-'}) | {_seconds_without_reference(row):.0f} |"
+            f"| {'' if kl is None else f'{kl:.3f}'} | {best_cell} | {trace.get('epochs_trained', 0)} ({trace.get('accepted_epoch') or '-'}) | {_seconds_without_reference(row):.0f} |"
         )
     return "\n".join(lines)
 
