@@ -33,6 +33,7 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from guardrail.errors import PolicyError, RegistryError  # noqa: E402
 from guardrail.registry import LocalRegistry  # noqa: E402
+from guardrail.signing import generate_key_pair  # noqa: E402
 from pipeline_support import write_small_policy  # noqa: E402
 from pipelines.prefect.flows import ModelBlockedError, is_storage_error, safety_gate  # noqa: E402
 from pipelines.prefect.serve import DEPLOYMENT_NAME, safety_gate_deployment  # noqa: E402
@@ -64,6 +65,19 @@ def audit_records(root: Path) -> list[dict]:
     return [json.loads(path.read_text(encoding="utf-8")) for path in sorted((root / "audit").glob("*.json"))]
 
 
+def test_flow_returns_attestation_path(tiny_model_dir, tmp_path):
+    keys = generate_key_pair(tmp_path / "keys")
+    policy = write_small_policy(tmp_path, lenient=True)
+    text = policy.read_text(encoding="utf-8").replace(f"audit: {{dir: {tmp_path}/audit}}", f"audit: {{dir: {tmp_path}/audit, signing_key: {keys.private_key}}}")
+    policy.write_text(text, encoding="utf-8")
+
+    outcome = safety_gate(str(tiny_model_dir), str(policy), work_dir=str(tmp_path / "work"), cache_dir=None)
+
+    assert outcome["decision"] == "approved"
+    assert outcome["attestation_path"].endswith(".intoto.json")
+    assert json.loads(Path(outcome["attestation_path"]).read_text())["payloadType"] == "application/vnd.in-toto+json"
+
+
 def test_flow_approves_passing_candidate(tiny_model_dir, tmp_path):
     policy = write_small_policy(tmp_path, lenient=True)
 
@@ -74,6 +88,7 @@ def test_flow_approves_passing_candidate(tiny_model_dir, tmp_path):
     assert outcome["decision"] == "approved"
     assert outcome["exit_code"] == 0
     assert Path(outcome["audit_path"]).is_file()
+    assert outcome["attestation_path"] is None
     assert LocalRegistry(tmp_path / "registry").get("tiny-chat", "approved").status == "approved"
     assert not (tmp_path / "work").exists()
 

@@ -109,6 +109,7 @@ def register(state_path: str) -> dict[str, Any]:
         "reason": result.reason,
         "exit_code": result.exit_code,
         "audit_path": str(result.audit_path),
+        "attestation_path": str(result.attestation_path) if result.attestation_path else None,
         "registered": result.registered,
     }
 
