@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from uuid import UUID
 
@@ -48,9 +50,19 @@ def prefect_server():
 
 
 def task_run_states(flow_run_id: UUID) -> dict[str, str]:
-    """Return the task runs of a flow run as name -> state type."""
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[flow_run_id])))
+    """Return the task runs of a flow run as name -> state type.
+
+    Prefect creates a task run under a default name (``<task name>-<3 hex digits>``)
+    and renames it to ``task_run_name`` when it starts. The rename can reach
+    the API after the flow returns on a loaded machine, so poll for up to 10 s
+    until no default name is left.
+    """
+    for _ in range(20):
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[flow_run_id])))
+        if not any(re.fullmatch(r".+-[0-9a-f]{3}", run.name) for run in runs):
+            break
+        time.sleep(0.5)
     return {run.name: run.state.type.value for run in runs}
 
 
