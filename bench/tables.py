@@ -34,14 +34,16 @@ def cost_tables(document: dict) -> str:
         "",
         f"Speed-up {speed['speedup']}x on {speed['prompts']} prompts, {speed['max_new_tokens']} new tokens; identical text for {speed['same_text']} of {speed['prompts']} prompts.",
         "",
-        "| model | prompts | generation + judge s | one-pass s | speed-up | agreement | refusal judge / screen | over-refusal judge / screen |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | prompts | generation + judge s | one-pass s | speed-up | threshold (calibrated) | agreement calibrated / at 0 | refusal judge / screen | over-refusal judge / screen |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in document["one_pass_screen"]:
+        calibrated, zero, judge = row["calibrated"], row["threshold_zero"], row["judge"]
         lines.append(
             f"| {Path(row['model']).name} | {row['prompts']} | {row['generation_and_judge_seconds']} | {row['one_pass_seconds']} | {row['speedup']}x "
-            f"| {100 * row['agreement']:.0f}% | {100 * row['refusal_rate']['judge']:.0f}% / {100 * row['refusal_rate']['screen']:.0f}% "
-            f"| {100 * row['over_refusal_rate']['judge']:.0f}% / {100 * row['over_refusal_rate']['screen']:.0f}% |"
+            f"| {row['calibration']['threshold']:.2f} | {100 * calibrated['agreement']:.0f}% / {100 * zero['agreement']:.0f}% "
+            f"| {100 * judge['refusal_rate']:.0f}% / {100 * calibrated['refusal_rate']:.0f}% "
+            f"| {100 * judge['over_refusal_rate']:.0f}% / {100 * calibrated['over_refusal_rate']:.0f}% |"
         )
     return "\n".join(lines)
 
