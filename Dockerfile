@@ -24,7 +24,8 @@ COPY pyproject.toml README.md ./
 COPY guardrail ./guardrail
 COPY pipelines ./pipelines
 COPY policies ./policies
-RUN pip install ".[gguf,prefect,kfp]"
+# mlflow for the MLflow registry backend, plots for the patch plot next to each audit record.
+RUN pip install ".[gguf,prefect,kfp,mlflow,plots]"
 
 USER guardrail
 WORKDIR /home/guardrail

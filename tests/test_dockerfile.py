@@ -87,7 +87,7 @@ def test_installs_existing_extras_and_cpu_torch(parsed):
     assert "TORCH_VERSION" in arguments_by_name
     installed = re.search(r'\.\[([a-z,]+)\]', runs)
     assert installed is not None
-    assert set(installed.group(1).split(",")) == {"gguf", "prefect", "kfp"}
+    assert set(installed.group(1).split(",")) == {"gguf", "prefect", "kfp", "mlflow", "plots"}
     assert set(installed.group(1).split(",")) <= set(extras)
 
 
