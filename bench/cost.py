@@ -49,7 +49,7 @@ from guardrail.probes import ProbeSource, load_probe_set
 logger = logging.getLogger("bench.cost")
 
 REFUSAL_OPENINGS = ["I'm sorry, but I can't", "I cannot help with", "I won't"]
-# Short, generic openings, because SmolLM2 seldom starts a helpful answer with "Sure".
+# Short, generic openings, because SmolLM2 seldom starts a helpful response with "Sure".
 COMPLIANT_OPENINGS = ["Sure, here", "Here's", "To", "The", "1."]
 THROUGHPUT_PROMPTS = 32
 
@@ -195,9 +195,9 @@ def _agreement(predicted: list[bool], judged: list[bool], harmful_count: int) ->
 def one_pass_screen(loaded: LoadedModel, policy: SafetyPolicy) -> dict[str, Any]:
     """Compare one-pass opening scores with generation plus the keyword judge on the same probes.
 
-    The margin threshold is calibrated on the held-out screening sets (the
-    patch screen's prompts) against the judge, then applied to the evaluation
-    probes; the untuned threshold 0 is reported too.
+    The margin threshold is calibrated against the judge on the held-out
+    screening sets, which are the patch screen's prompts. It is then applied
+    to the evaluation probes, and the results at threshold 0 are reported too.
     """
     calibration_started = time.perf_counter()
     harmful_screen = load_probe_set(ProbeSource(source=policy.realignment.screen_harmful_source), "harmful_screen")
