@@ -109,6 +109,30 @@ def redacted_uri(uri: str) -> str:
     return parts._replace(netloc=netloc).geturl()
 
 
+#: Seconds to wait for a tracking server's health endpoint before giving up.
+_HEALTH_TIMEOUT = 10.0
+
+
+def _check_reachable(tracking_uri: str) -> None:
+    """Fail fast when an HTTP tracking server does not answer.
+
+    The MLflow client retries a refused connection with growing back-off for
+    minutes before it raises, so one short request to ``/health`` first turns
+    a wrong URI or a stopped server into an immediate, clear error. Any HTTP
+    response counts as reachable, because an authenticating proxy may refuse
+    ``/health`` without credentials.
+    """
+    if urlsplit(tracking_uri).scheme not in ("http", "https"):
+        return
+    try:
+        requests.get(f"{tracking_uri.rstrip('/')}/health", timeout=_HEALTH_TIMEOUT)
+    except requests.RequestException as exc:
+        raise RegistryError(
+            f"the MLflow tracking server at {tracking_uri} is not reachable ({type(exc).__name__}); "
+            "start it, or fix registry.tracking_uri in the policy"
+        ) from None
+
+
 class MlflowRegistry:
     """A registry on an MLflow tracking server; see the module docstring for the layout.
 
@@ -137,6 +161,7 @@ class MlflowRegistry:
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.cache_dir = Path(cache_dir)
+        _check_reachable(tracking_uri)
         self._client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         self._experiment_id: Optional[str] = None
         self._journal: Optional[_Journal] = None

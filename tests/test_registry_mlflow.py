@@ -331,6 +331,18 @@ def test_open_registry_from_policy(mlflow_server, tmp_path):
     assert registry.location == mlflow_server["url"]
 
 
+def test_unreachable_server_fails_fast(tmp_path, monkeypatch):
+    # Without this check the client retries a refused connection for minutes.
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    url = f"http://127.0.0.1:{_free_port()}"
+
+    with pytest.raises(RegistryError) as raised:
+        MlflowRegistry(url, cache_dir=tmp_path / "cache")
+
+    assert f"tracking server at {url} is not reachable" in str(raised.value)
+    assert "fix registry.tracking_uri" in str(raised.value)
+
+
 def test_secrets_never_leak(mlflow_server, name, tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.DEBUG)
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "guardrail-ci")
@@ -363,8 +375,8 @@ def test_secrets_never_leak(mlflow_server, name, tmp_path, monkeypatch, caplog):
 
     assert "is not in MLflow registry" in messages[0]
     assert "no alias 'nightly'" in messages[1]
-    assert f"listing the versions of '{name}' failed" in messages[3]
-    assert "is reachable" in messages[3]
+    assert "is not reachable" in messages[3]
+    assert "fix registry.tracking_uri" in messages[3]
     assert "contains a user name or password" in messages[4]
     assert "registry.tracking_uri: contains credentials" in messages[6]
     for message in messages:
