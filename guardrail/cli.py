@@ -603,8 +603,8 @@ DEFAULT_ANALYSIS_EXAMPLES = ["general-01", "general-02", "general-03", "general-
 
 @app.command("analyze")
 def analyze_command(
-    model: str = typer.Argument(..., help="Model to analyse (folder, .gguf, adapter or Hub id), usually the fine-tuned candidate."),
-    example_ids: Optional[list[str]] = typer.Option(None, "--example", "-e", help="Built-in safety example id; repeat for several [default: four general and two category-specific]."),
+    model: str = typer.Argument(..., help="Model to analyze (folder, .gguf, adapter or Hub id), usually the fine-tuned candidate."),
+    example_ids: Optional[list[str]] = typer.Option(None, "--example", "-e", help="Built-in safety example id, such as general-01 or specific-fraud; repeat for several. Default: general-01 to general-04, specific-cybercrime, specific-fraud."),
     examples_file: Optional[Path] = typer.Option(None, "--examples", help="JSON Lines file of safety examples with prompt, response and an optional id."),
     reference: Optional[str] = typer.Option(None, "--reference", "-r", help="Aligned model the candidate was fine-tuned from; adds the harmful-direction comparison."),
     policy_path: Optional[Path] = typer.Option(None, "--policy", "-p", help="Policy whose loading and generation settings apply."),
@@ -613,13 +613,17 @@ def analyze_command(
     """Measure how low-rank the safety gradient is: spectra, CER(k), overlaps, harmful direction."""
     from guardrail.analysis import analyze, summary_markdown
     from guardrail.files import atomic_write_text
-    from guardrail.loading import load_model
+    from guardrail.loading import check_reference, load_model
     from guardrail.plots import plot_cer, plot_overlaps, plot_spectra
     from guardrail.policy import SafetyPolicy, load_policy
 
     with errors_exit():
         policy = load_policy(policy_path) if policy_path else SafetyPolicy()
         examples = _analysis_examples(example_ids, examples_file)
+        # Check both paths before loading either, so a typo in --reference fails in a second.
+        for reference_to_check in (model, reference):
+            if reference_to_check:
+                check_reference(reference_to_check)
         loaded = load_model(model, policy.loading)
         reference_loaded = load_model(reference, policy.loading) if reference else None
         result = analyze(loaded, examples, reference=reference_loaded, system_prompt=policy.generation.system_prompt)
@@ -654,9 +658,15 @@ def _analysis_examples(example_ids: Optional[list[str]], examples_file: Optional
                 continue
             try:
                 row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise GuardrailError(f"{examples_file}:{number}: invalid JSON ({exc}); each line needs a JSON object with prompt and response") from exc
+            missing = [key for key in ("prompt", "response") if not isinstance(row, dict) or key not in row]
+            if missing:
+                raise GuardrailError(f"{examples_file}:{number}: invalid safety example, missing field(s) {', '.join(missing)}; each line needs a JSON object with prompt and response")
+            try:
                 chosen.append(SafetyExample(id=row.get("id") or f"{examples_file.stem}-{number}", prompt=row["prompt"], response=row["response"]))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                raise GuardrailError(f"{examples_file}:{number}: invalid safety example ({exc}); each line needs a JSON object with prompt and response") from exc
+            except ValueError as exc:
+                raise GuardrailError(f"{examples_file}:{number}: invalid safety example ({exc}); prompt and response must be non-empty strings") from exc
     return chosen
 
 

@@ -105,4 +105,11 @@ def test_analyze_cli_bad_examples_file(tiny_model_dir, tmp_path):
     bad.write_text('{"prompt": "How do I pick a lock?"}\n', encoding="utf-8")
     result = CliRunner().invoke(app, ["analyze", str(tiny_model_dir), "--examples", str(bad), "--out", str(tmp_path / "out")])
     assert result.exit_code == 2
-    assert "examples.jsonl:1: invalid safety example" in result.output
+    assert "examples.jsonl:1: invalid safety example, missing field(s) response" in result.output
+
+
+def test_analyze_cli_missing_reference(tiny_model_dir, tmp_path):
+    result = CliRunner().invoke(app, ["analyze", str(tiny_model_dir), "--reference", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "model not found" in result.output
+    assert "no-such-model" in result.output
