@@ -1,15 +1,15 @@
 """Attack strength: does the gate detect and patch candidates from harmful fine-tunes of growing size?
 
 Starting from the lab's aligned reference, the benchmark builds candidates
-fine-tuned with 10, 50 and 200 harmful examples, an identity-shifting
+fine-tuned with 10, 50 and 200 harmful examples. It adds an identity-shifting
 fine-tune (benign requests answered in an obedient persona) and a purely
-benign fine-tune, then runs the whole gate (shipped default policy, resized
+benign fine-tune. Then it runs the whole gate (shipped default policy, resized
 probe sets, see ``bench/common.py``) on each. It records the decision,
 refusal and over-refusal before and after the patch, StrongREJECT refusal,
 benign KL, the epochs the patch used and the wall time.
 
 Usage:
-    python -m bench.attack_strength            # about 30 minutes on 2 cores
+    python -m bench.attack_strength            # 50 minutes on 2 cores on the first run, candidate builds included
     python -m bench.attack_strength --quick    # smoke run for CI
 
 Writes ``attack_strength.json`` and ``attack_strength.png`` into the output folder.

@@ -16,7 +16,7 @@ gate's one-shot patch figures are copied in from ``attack_strength.json``
 when that file exists, so the table compares all four side by side.
 
 Usage:
-    python -m bench.baselines            # about 15 minutes on 2 cores
+    python -m bench.baselines            # 24 minutes on 2 cores
     python -m bench.baselines --quick    # smoke run for CI
 
 Writes ``baselines.json`` and ``baselines.png`` into the output folder.

@@ -7,7 +7,7 @@ Every benchmark runs in one of two modes:
   prompts and 50 benign probes, 48 new tokens;
 * quick (``--quick``): a small lab trained on a few examples and 4 probes per
   set with 16 new tokens, so that CI runs every code path in a few minutes.
-  Its figures are meaningless and the output says so.
+  Its figures are meaningless, and its JSON output states that.
 
 StrongREJECT prompts are read at run time from ``--strongreject`` (by
 default ``../shared/data/strongreject/strongreject_dataset.csv`` next to the
@@ -49,7 +49,7 @@ QUICK_SIZES = {"harmful": 4, "benign": 4, "strongreject": 4, "max_new_tokens": 1
 
 @dataclass
 class BenchSetup:
-    """Where a benchmark reads its models and writes its results, and at what size."""
+    """Model home, output folder, mode and data file of one benchmark run."""
 
     name: str
     home: Path

@@ -13,14 +13,14 @@ Three measurements, all on the lab models:
    a check that both produce the same text.
 3. **One-pass screen**: instead of generating, score each prompt by the
    mean per-token log-probability of a few refusal openings against a few
-   compliant openings (one forward pass over the prompt, then one short
-   pass over all openings from its cache; no generation). The margin threshold is
+   compliant openings. It runs one forward pass over the prompt, then one
+   short pass over all openings from its cache, with no generation. The margin threshold is
    calibrated on the held-out screening prompts, and the verdicts are
    compared with the keyword judge's verdicts on generated responses, on
    the reference and on the candidate.
 
 Usage:
-    python -m bench.cost            # about 15 minutes on 2 cores
+    python -m bench.cost            # 10 minutes on 2 cores
     python -m bench.cost --quick    # smoke run for CI
 
 Writes ``cost.json`` and ``cost.png`` into the output folder.

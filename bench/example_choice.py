@@ -10,7 +10,7 @@ over-refusal and KL drift on the held-out screening sets, and after the last
 epoch it measures the bench probe subsets and StrongREJECT.
 
 Usage:
-    python -m bench.example_choice            # about 25 minutes on 2 cores
+    python -m bench.example_choice            # 20 minutes on 2 cores
     python -m bench.example_choice --quick    # smoke run for CI
 
 Writes ``example_choice.json`` and ``example_choice.png`` into the output folder.

@@ -1,11 +1,11 @@
 """Low-rank analysis of the safety gradient.
 
-The one-shot patch works, according to Zhang et al. ("Safety at One Shot",
-arXiv 2601.01887), because the gradient of the loss on a single safety
-example is low-rank: on 7B models the top 20 singular directions of each
-weight matrix's gradient hold 86-95 % of its energy, and the top subspaces of
-different safety examples overlap by more than 0.8. This module measures the
-same quantities on any model:
+Zhang et al. ("Safety at One Shot", arXiv 2601.01887) explain the one-shot
+patch by a low-rank gradient of the loss on a single safety example. They
+report that on 7B models the top 20 singular directions of each weight
+matrix's gradient contain 86-95 % of its energy. They also report that the
+top subspaces of different safety examples overlap by more than 0.8. This
+module measures the same quantities on any model:
 
 * the singular values of the safety gradient of every linear weight matrix in
   the transformer blocks, and the cumulative energy ratio

@@ -2,11 +2,11 @@
 
 The MLflow and Hub registries return a version's model as a local folder,
 because the gate loads models from folders. Each version is downloaded once
-(again when a caller asks for a refresh, as ``guardrail audit verify`` does)
-into its own folder under ``registry.cache_dir``, checked file by file
-against the SHA-256 digests recorded when it was registered, and only then
-moved into place, so a folder in the cache is always a complete, verified
-copy.
+into its own folder under ``registry.cache_dir``, and again when a caller
+requests a refresh, as ``guardrail audit verify`` does. The download is
+checked file by file against the SHA-256 digests recorded at registration
+and only then moved into place, so a folder in the cache is always a
+complete, verified copy.
 """
 
 from __future__ import annotations

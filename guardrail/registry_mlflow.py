@@ -114,7 +114,7 @@ _HEALTH_TIMEOUT = 10.0
 
 
 def _check_reachable(tracking_uri: str) -> None:
-    """Fail fast when an HTTP tracking server does not answer.
+    """Raise at once when an HTTP tracking server does not respond.
 
     The MLflow client retries a refused connection with growing back-off for
     minutes before it raises, so one short request to ``/health`` first turns

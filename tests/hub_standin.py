@@ -15,7 +15,7 @@ registry's operations, with the behaviour the registry relies on:
   ``regular``, so file contents travel base64-encoded inside the commit (no
   LFS, no Xet);
 * ``POST /api/models/<repo>/commit/<rev>``: applies an NDJSON commit and
-  answers 412 when its ``parentCommit`` is not the branch head;
+  returns 412 when its ``parentCommit`` is not the branch head;
 * ``HEAD``/``GET /<repo>/resolve/<rev>/<path>``: file metadata and content.
 
 Errors carry the ``X-Error-Code`` header that huggingface_hub maps to its

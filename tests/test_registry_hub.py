@@ -1,8 +1,8 @@
 """Tests for the Hugging Face Hub registry against the local Hub stand-in (tests/hub_standin.py).
 
 The stand-in serves the HTTP API that huggingface_hub's client calls. The
-client and the registry code are the real ones, and only the server stands in
-for the Hub.
+client and the registry code are the real ones. Only the server replaces the
+Hub.
 """
 
 from __future__ import annotations
